@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
+from .atomic import atomic_write_text
 from .errors import GWNetError, file_error
 
 ADJTYPES = ("transition", "doubletransition", "symnadj", "scalap", "normlap", "identity")
@@ -167,7 +169,7 @@ class Config:
     """A whole run: which preset it started from, its output directory and the sections."""
 
     preset: str = opt("improved", "model preset", PRESETS)
-    out: str = opt("runs/gwnet", "run directory")
+    out: Optional[str] = opt(None, "run directory (default: runs/PRESET-TIMESTAMP)")
     data: DataConfig = field(default_factory=DataConfig)
     model: GWNetConfig = field(default_factory=GWNetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -187,7 +189,10 @@ class Config:
         raise GWNetError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
 
     def resolve(self, num_nodes: int | None = None) -> "Config":
-        """Fill the model fields that follow from the data (features, horizons, supports)."""
+        """Fill the fields that follow from the data (features, horizons, supports) and name
+        the run directory if none was given."""
+        if self.out is None:
+            self.out = f"runs/{self.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.model.in_dim = self.data.in_dim
         self.model.out_dim = self.data.horizon
         self.model.num_supports = 0 if self.model.aptonly else self.data.num_supports
@@ -235,8 +240,6 @@ class Config:
         return cfg
 
     def save(self, path: str | os.PathLike) -> None:
-        from .engine.checkpoint import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

@@ -1,0 +1,21 @@
+"""``python -m gwnet {train,predict,data} ...``: the console scripts under one entry point
+(what ``torchrun -m gwnet train ...`` launches)."""
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {"train": "gwnet.cli.train", "predict": "gwnet.cli.predict", "data": "gwnet.cli.data"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import importlib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m gwnet {{{','.join(COMMANDS)}}} [options]", file=sys.stderr)
+        return 2
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

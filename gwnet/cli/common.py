@@ -1,0 +1,107 @@
+"""What every command shares: flags built from the config dataclasses, and error handling.
+
+Each field of :class:`~gwnet.config.Config` becomes a ``--flag`` with the field's help text
+and choices, so the CLI can never drift from the API. Precedence: preset < ``--config`` file
+< flags.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import typing
+import warnings
+from dataclasses import fields
+from typing import Any, Callable
+
+from ..config import SECTIONS, Config, DataConfig, GWNetConfig, TrainConfig, read_config_file, update
+from ..errors import GWNetError
+
+# Fields that are derived from the data, not chosen by the user.
+DERIVED = {("model", "num_nodes"), ("model", "in_dim"), ("model", "out_dim"), ("model", "num_supports")}
+SECTION_CLASSES = {"data": DataConfig, "model": GWNetConfig, "train": TrainConfig}
+
+
+def _parse_optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _add_field(group, section: str | None, f) -> None:
+    hints = typing.get_type_hints(SECTION_CLASSES[section] if section else Config)
+    kind = hints[f.name]
+    optional = type(None) in typing.get_args(kind)
+    if optional:
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    flag = "--" + ("model" if f.name == "preset" else f.name.replace("_", "-"))
+    dest = f"{section}.{f.name}" if section else f.name
+    kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=f.metadata.get("help"))
+    if kind is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    else:
+        kw["type"] = _parse_optional(kind) if optional else kind
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+            kw["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+        else:
+            kw["metavar"] = f.name.upper()
+    group.add_argument(flag, **kw)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, sections=SECTIONS, top: bool = True) -> None:
+    """Add ``--config`` and one flag per config field of ``sections``."""
+    parser.add_argument("--config", dest="config_file", default=None, metavar="FILE",
+                        help="TOML, YAML or JSON file of options (flags override it)")
+    if top:
+        group = parser.add_argument_group("run")
+        for f in fields(Config):
+            if f.name not in SECTIONS:
+                _add_field(group, None, f)
+    for section in sections:
+        group = parser.add_argument_group(section)
+        for f in fields(SECTION_CLASSES[section]):
+            if (section, f.name) not in DERIVED:
+                _add_field(group, section, f)
+
+
+def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
+    """Preset (or ``base``), then the ``--config`` file, then the flags given."""
+    given = {k: v for k, v in vars(args).items() if k != "config_file"}
+    file_raw = read_config_file(args.config_file) if getattr(args, "config_file", None) else {}
+    preset = given.get("preset") or file_raw.get("preset")
+    if base is None or preset is not None:
+        base = Config.from_preset(preset or "improved")
+    cfg = update(base, {k: v for k, v in file_raw.items() if k != "preset"},
+                 source=args.config_file or "config")
+    nested: dict[str, Any] = {}
+    for dest, value in given.items():
+        if "." in dest:
+            section, name = dest.split(".", 1)
+            nested.setdefault(section, {})[name] = value
+        elif dest in {f.name for f in fields(Config)} and dest != "preset":
+            nested[dest] = value
+    return update(cfg, nested, source="command line")
+
+
+def run_cli(prog: str) -> Callable[[Callable[..., int | None]], Callable[..., int]]:
+    """Decorate a ``main(argv)``: user mistakes print one line and exit 2, Ctrl-C exits 130."""
+
+    def wrap(main: Callable[..., int | None]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def wrapper(argv: list[str] | None = None) -> int:
+            warnings.formatwarning = lambda msg, cat, *a, **k: f"{prog}: warning: {msg}\n"
+            try:
+                return int(main(argv) or 0)
+            except GWNetError as exc:
+                print(f"{prog}: error: {exc}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted", file=sys.stderr)
+                return 130
+
+        return wrapper
+
+    return wrap

@@ -1,0 +1,127 @@
+"""Sliding windows over a series, chronological splits, and batches for the model.
+
+Windows are never materialised: a split is a range of window indices, and a batch is one
+gather from the ``(time, nodes, features)`` series. Window ``i`` reads input rows
+``i .. i + seq_len - 1`` and targets ``first_offset .. first_offset + horizon - 1`` steps after
+its last input row (its *origin*), exactly DCRNN's ``generate_training_data`` offsets.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..config import DataConfig
+from ..errors import file_error
+from .scaler import StandardScaler
+
+SPLITS = ("train", "val", "test")
+
+
+def calendar_features(index: pd.DatetimeIndex, time_of_day: bool, day_of_week: bool,
+                      dtype=np.float32) -> np.ndarray:
+    """``(time, k)`` features: time of day as a fraction of a day, then a one-hot weekday."""
+    cols = []
+    if time_of_day:
+        cols.append(((index - index.normalize()) / pd.Timedelta(days=1)).to_numpy()[:, None])
+    if day_of_week:
+        cols.append(np.eye(7)[index.dayofweek.to_numpy()])
+    if not cols:
+        return np.zeros((len(index), 0), dtype=dtype)
+    return np.concatenate(cols, axis=1).astype(dtype)
+
+
+def build_series(speeds: pd.DataFrame, cfg: DataConfig, dtype=np.float32) -> np.ndarray:
+    """``(time, nodes, features)`` series: raw speed, then the calendar features."""
+    values = speeds.to_numpy(dtype=dtype)
+    cal = calendar_features(speeds.index, cfg.time_of_day, cfg.day_of_week, dtype)
+    series = np.empty(values.shape + (1 + cal.shape[1],), dtype=dtype)
+    series[..., 0] = values
+    series[..., 1:] = cal[:, None, :]
+    return series
+
+
+def split_sizes(num_windows: int, train_ratio: float = 0.7, test_ratio: float = 0.2) -> dict[str, int]:
+    """DCRNN's split: ``test = round(0.2 n)``, ``train = round(0.7 n)``, validation the rest."""
+    num_test = round(num_windows * test_ratio)
+    num_train = round(num_windows * train_ratio)
+    return {"train": num_train, "val": num_windows - num_test - num_train, "test": num_test}
+
+
+class Windows(torch.utils.data.Dataset):
+    """The windows of one split: ``x`` is ``(seq_len, nodes, features)`` scaled, ``y`` is
+    ``(horizon, nodes)`` raw speed with zeros for missing readings."""
+
+    def __init__(self, series: torch.Tensor, scaler: StandardScaler, start: int, stop: int,
+                 seq_len: int, horizon: int, first_offset: int, index: pd.DatetimeIndex):
+        self.series = series
+        self.scaler = scaler
+        self.start, self.stop = start, stop
+        self.seq_len, self.horizon, self.first_offset = seq_len, horizon, first_offset
+        self.index = index
+        self._in_steps = torch.arange(seq_len)
+        self._out_steps = torch.arange(horizon) + seq_len - 1 + first_offset
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batch(torch.tensor([i]))
+        return x[0], y[0]
+
+    def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs ``(B, seq_len, N, F)`` and targets ``(B, horizon, N)`` of windows at ``positions``."""
+        first = positions.to(torch.long)[:, None] + self.start
+        x = self.series[first + self._in_steps]
+        x[..., 0] = self.scaler.transform(x[..., 0])
+        y = self.series[first + self._out_steps, :, 0]
+        return x, y
+
+    def batches(self, batch_size: int, shuffle: bool = False,
+                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        for chunk in order.split(batch_size):
+            yield self.batch(chunk)
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)
+
+    @property
+    def origins(self) -> pd.DatetimeIndex:
+        """Timestamp of the last input step of each window."""
+        return self.index[self.start + self.seq_len - 1: self.stop + self.seq_len - 1]
+
+    def target_times(self) -> np.ndarray:
+        """``(windows, horizon)`` timestamps of the targets."""
+        rows = np.arange(self.start, self.stop)[:, None] + self._out_steps.numpy()[None, :]
+        return self.index.to_numpy()[rows]
+
+
+def count_windows(num_steps: int, cfg: DataConfig) -> int:
+    return num_steps - (cfg.seq_len - 1) - (cfg.first_offset + cfg.horizon - 1)
+
+
+def make_splits(series: np.ndarray, index: pd.DatetimeIndex, cfg: DataConfig, source: str = "data",
+                scaler: StandardScaler | None = None) -> tuple[dict[str, Windows], StandardScaler]:
+    """Cut ``series`` into train/val/test windows; fit the scaler on the training inputs unless
+    one is given (a trained model's, when predicting on new data)."""
+    n = count_windows(len(series), cfg)
+    span = cfg.seq_len + cfg.first_offset + cfg.horizon - 1
+    if n < 1:
+        raise file_error(source, f"{len(series)} steps are too few for one window of {span} steps")
+    sizes = split_sizes(n, cfg.train_ratio, cfg.test_ratio)
+    empty = [name for name, size in sizes.items() if size < 1]
+    if empty:
+        raise file_error(source, f"{n} windows are too few for a non-empty {'/'.join(empty)} split")
+    if scaler is None:
+        scaler = StandardScaler.fit_windows(series[..., 0], sizes["train"], cfg.seq_len, cfg.fill_zeroes)
+    tensor = torch.from_numpy(series)
+    windows, start = {}, 0
+    for name in SPLITS:
+        stop = start + sizes[name]
+        windows[name] = Windows(tensor, scaler, start, stop, cfg.seq_len, cfg.horizon,
+                                cfg.first_offset, index)
+        start = stop
+    return windows, scaler

@@ -1,0 +1,76 @@
+"""Checkpoint files and the run directory they live in.
+
+A run directory holds ``config.json``, ``best.pt`` (the best model by validation MAE, with
+everything needed to predict: config, scaler, sensor ids), ``last.pt`` (the same plus the
+optimizer, scheduler, random states and early-stopping counters, for ``--resume``),
+``metrics.csv`` and ``test_metrics.csv``. Every file is written atomically. Checkpoints
+carry a format tag and version; anything else is refused with a clear message, and loading
+never unpickles arbitrary objects (``weights_only=True``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..atomic import atomic_path
+from ..errors import file_error
+
+FORMAT = "gwnet-checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Write ``payload`` with the format header, atomically."""
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "gwnet_version": __version__, **payload}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a gwnet checkpoint, refusing missing, truncated, foreign or newer files."""
+    path = Path(path)
+    if not path.is_file():
+        raise file_error(path, "no such checkpoint")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise file_error(path, f"not a readable checkpoint (truncated or foreign file?): {reason}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise file_error(path, "not a gwnet checkpoint (a reference state_dict? use "
+                         "gwnet.load_reference_checkpoint)")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise file_error(path, f"checkpoint format {version} is newer than this gwnet "
+                         f"({__version__}, format {FORMAT_VERSION}); upgrade gwnet")
+    return payload
+
+
+class RunDir:
+    """Paths of a run directory."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    config = property(lambda self: self.root / "config.json")
+    best = property(lambda self: self.root / "best.pt")
+    last = property(lambda self: self.root / "last.pt")
+    metrics = property(lambda self: self.root / "metrics.csv")
+    test_metrics = property(lambda self: self.root / "test_metrics.csv")
+
+    def holds_run(self) -> bool:
+        return self.config.exists() or self.last.exists() or self.best.exists()
+
+    def check_writable(self) -> None:
+        """Fail early, before any training, if outputs cannot be written here."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.root / ".write-test") as tmp:
+                tmp.write_bytes(b"\0" * 4096)
+            os.unlink(self.root / ".write-test")
+        except OSError as exc:
+            raise file_error(self.root, f"cannot write the run directory: {exc.strerror or exc}") from None

@@ -1,0 +1,372 @@
+"""The training loop: masked-MAE training, validation, early stopping, checkpoints, resume.
+
+:class:`Trainer` runs one stage (one horizon count) into one run directory. :func:`train`
+adds short-horizon pretraining on top: with ``pretrain_horizon`` it trains horizons
+``1..k`` into ``RUN_DIR/pretrain-hk`` and then finetunes all horizons from that checkpoint
+into ``RUN_DIR``. Researchers can pass their own ``model`` or ``loss_fn`` to the Trainer.
+
+Resume is exact on CPU: ``last.pt`` holds the optimizer, scheduler, both random states and
+the early-stopping counters, and an interrupted epoch's batch order and position.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import signal
+import time
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_path
+from ..config import Config
+from ..data import TrafficData, build_supports, load_data, to_torch
+from ..data.scaler import StandardScaler
+from ..errors import GWNetError, file_error
+from ..nn import GWNet, load_for_more_horizons
+from .checkpoint import RunDir, load_checkpoint, save_checkpoint
+from .metrics import MetricAccumulator, masked_mae
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+# Model fields that may differ between a pretrained run and the run initialised from it.
+INIT_FREE_FIELDS = {"out_dim", "dropout", "graph_conv"}
+
+
+class Interrupted(Exception):
+    """Raised after SIGINT/SIGTERM once ``last.pt`` holds the exact position to resume from."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GWNetError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GWNetError(f"device {name!r} asked for, but no CUDA device is available")
+    return device
+
+
+def build_model(cfg: Config, data: TrafficData) -> GWNet:
+    """A fresh GWNet for ``data``'s graph, seeded by ``cfg.train.seed``."""
+    torch.manual_seed(cfg.train.seed)
+    supports = [] if cfg.model.aptonly else to_torch(data.supports(), dense=cfg.model.graph_conv == "dense")
+    return GWNet(cfg.model, supports)
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced; the same numbers are in its run directory."""
+
+    run_dir: Path
+    best_epoch: int
+    best_val_mae: float
+    test_metrics: pd.DataFrame
+    history: pd.DataFrame = field(repr=False)
+
+
+@dataclass
+class _Progress:
+    """Everything besides weights that must survive an interruption."""
+
+    epoch: int = 0
+    best_val_mae: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    finished: bool = False
+    history: list = field(default_factory=list)
+    partial: dict | None = None  # an interrupted epoch: batch order, next batch, sums so far
+
+
+class Trainer:
+    """Train ``cfg`` into ``cfg.out``; ``resume=True`` continues the run found there."""
+
+    def __init__(self, cfg: Config, data: TrafficData | None = None, model: torch.nn.Module | None = None,
+                 loss_fn: LossFn = masked_mae, resume: bool = False):
+        cfg.validate()
+        self.cfg = cfg
+        self.data = data if data is not None else load_data(cfg.data)
+        cfg.resolve(num_nodes=self.data.num_nodes)
+        self.run = RunDir(cfg.out)
+        if not resume and self.run.holds_run():
+            raise file_error(self.run.root, "already holds a run; resume it with --resume or choose another --out")
+        self.run.check_writable()
+        self.device = resolve_device(cfg.train.device)
+        self.model = (model if model is not None else build_model(cfg, self.data)).to(self.device)
+        if cfg.train.init_from and not resume:
+            init_from_run(self.model, cfg, self.data, cfg.train.init_from)
+        self.loss_fn = loss_fn
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.train.lr_decay)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.progress = _Progress()
+        self._stop_signal: int | None = None
+        if resume:
+            self._restore()
+        else:
+            cfg.save(self.run.config)
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def _model_payload(self) -> dict:
+        # The graph travels with the weights so a run predicts without its original files.
+        return {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                "scaler": self.data.scaler.to_dict(), "sensor_ids": self.data.sensor_ids,
+                "adjacency": torch.from_numpy(self.data.graph.adj)}
+
+    def _save_last(self) -> None:
+        p = self.progress
+        save_checkpoint(self.run.last, {
+            **self._model_payload(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+            "shuffle_rng": self.generator.get_state(), "epoch": p.epoch, "best_val_mae": p.best_val_mae,
+            "best_epoch": p.best_epoch, "bad_epochs": p.bad_epochs, "finished": p.finished,
+            "history": p.history, "partial": p.partial})
+        with atomic_path(self.run.metrics) as tmp:
+            pd.DataFrame(p.history).to_csv(tmp, index=False)
+
+    def _restore(self) -> None:
+        state = load_checkpoint(self.run.last, map_location="cpu")
+        if state["sensor_ids"] != self.data.sensor_ids:
+            raise file_error(self.run.last, "was trained on other sensors than the data given")
+        if state.get("finished"):
+            raise file_error(self.run.root, "run already finished; nothing to resume")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.generator.set_state(state["shuffle_rng"])
+        self.progress = _Progress(epoch=state["epoch"], best_val_mae=state["best_val_mae"],
+                                  best_epoch=state["best_epoch"], bad_epochs=state["bad_epochs"],
+                                  history=list(state["history"]), partial=state["partial"])
+
+    # --- the loop ------------------------------------------------------------------------
+    @contextmanager
+    def _catch_signals(self) -> Iterator[None]:
+        """Turn SIGINT/SIGTERM into a clean stop at the next batch boundary."""
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        try:
+            previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: leave signals alone
+            yield
+            return
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _autocast(self):
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            out = self.model(x.to(self.device, non_blocking=True))
+        return self.data.scaler.inverse_transform(out.float())
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        t, p = self.cfg.train, self.progress
+        windows = self.data.windows["train"]
+        if p.partial is not None:
+            order, start, sums = p.partial["order"], p.partial["next_batch"], p.partial["sums"]
+        else:
+            order, start, sums = torch.randperm(len(windows), generator=self.generator), 0, None
+        batches = list(order.split(t.batch_size))
+        if t.batches_per_epoch is not None:
+            batches = batches[: t.batches_per_epoch]
+        acc = MetricAccumulator(self.cfg.data.horizon, t.null_value)
+        if sums is not None:
+            acc.sums = sums
+        self.model.train()
+        bar = tqdm(total=len(batches), initial=start, desc=f"epoch {epoch}/{t.epochs}", unit="batch",
+                   leave=False, disable=not t.progress, dynamic_ncols=True)
+        for b in range(start, len(batches)):
+            x, y = windows.batch(batches[b])
+            y = y.to(self.device)
+            pred = self._forward(x)
+            loss = self.loss_fn(pred, y, t.null_value)
+            if not torch.isfinite(loss):
+                if t.nan_policy == "stop":
+                    raise GWNetError(f"non-finite loss at epoch {epoch}, batch {b + 1}; stopped, the last "
+                                     f"good checkpoint is {self.run.last} (try a lower --lr or --nan-policy skip)")
+                warnings.warn(f"non-finite loss at epoch {epoch}, batch {b + 1}: batch skipped")
+                self.optimizer.zero_grad(set_to_none=True)
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.clip is not None:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip)
+                self.optimizer.step()
+                acc.update(pred, y)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            bar.update()
+            if self._stop_signal is not None:
+                p.partial = {"order": order, "next_batch": b + 1, "sums": acc.sums}
+                p.epoch = epoch - 1
+                bar.close()
+                self._save_last()
+                raise Interrupted(f"stopped by signal {self._stop_signal}; resume with "
+                                  f"gwnet-train --resume {self.run.root}")
+        bar.close()
+        p.partial = None
+        return acc.overall()
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "val") -> MetricAccumulator:
+        """Clamped, masked metrics of the current model on a split."""
+        t = self.cfg.train
+        self.model.eval()
+        acc = MetricAccumulator(self.cfg.data.horizon, t.null_value)
+        for x, y in self.data.windows[split].batches(t.batch_size):
+            acc.update(self._forward(x).clamp(t.clamp_min, t.clamp_max), y)
+        return acc
+
+    def fit(self) -> RunResult:
+        t, p = self.cfg.train, self.progress
+        with self._catch_signals():
+            for epoch in range(p.epoch + 1, t.epochs + 1):
+                started = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]
+                train = self._train_epoch(epoch)
+                val = self.evaluate("val").overall()
+                self.scheduler.step()
+                p.epoch = epoch
+                improved = val["mae"] < p.best_val_mae
+                if improved:
+                    p.best_val_mae, p.best_epoch, p.bad_epochs = val["mae"], epoch, 0
+                    save_checkpoint(self.run.best, {**self._model_payload(), "epoch": epoch,
+                                                    "val_mae": val["mae"]})
+                else:
+                    p.bad_epochs += 1
+                seconds = time.perf_counter() - started
+                p.history.append({"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
+                                  **{f"val_{k}": v for k, v in val.items()}, "lr": lr, "seconds": seconds})
+                p.finished = p.bad_epochs >= t.patience or epoch == t.epochs
+                self._save_last()
+                if t.progress:
+                    tqdm.write(f"epoch {epoch:3d}/{t.epochs}  train mae {train['mae']:.4f}  "
+                               f"val mae {val['mae']:.4f}  lr {lr:.2e}  {seconds:.1f}s"
+                               + ("  *" if improved else ""))
+                if p.finished:
+                    break
+            if not p.finished:  # resumed a run whose last epoch was already done
+                p.finished = True
+                self._save_last()
+        return self._finish()
+
+    def _finish(self) -> RunResult:
+        best = load_checkpoint(self.run.best, map_location=self.device)
+        self.model.load_state_dict(best["model"])
+        table = self.evaluate("test").table()
+        with atomic_path(self.run.test_metrics) as tmp:
+            table.to_csv(tmp)
+        return RunResult(self.run.root, self.progress.best_epoch, self.progress.best_val_mae, table,
+                         pd.DataFrame(self.progress.history))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    from ..scale.optim import make_8bit_optimizer
+
+    return make_8bit_optimizer(model, cfg)
+
+
+def init_from_run(model: torch.nn.Module, cfg: Config, data: TrafficData, run_dir: str | Path) -> None:
+    """Start ``model`` from another run's best weights (horizons it lacks stay fresh)."""
+    path = RunDir(run_dir).best
+    state = load_checkpoint(path)
+    if state["sensor_ids"] != data.sensor_ids:
+        raise file_error(path, "was trained on a different sensor graph than this run's data")
+    theirs = state["config"]["model"]
+    ours = cfg.to_dict()["model"]
+    differ = [k for k in ours if k not in INIT_FREE_FIELDS and theirs.get(k) != ours[k]]
+    if differ:
+        shown = ", ".join(f"{k} {theirs.get(k)!r} vs {ours[k]!r}" for k in differ[:3])
+        raise file_error(path, f"model does not match this run's ({shown})")
+    if theirs["out_dim"] > ours["out_dim"]:
+        raise file_error(path, f"has {theirs['out_dim']} horizons, more than this run's {ours['out_dim']}")
+    load_for_more_horizons(model, state["model"])
+
+
+def _stage_done(run_dir: Path) -> bool:
+    rd = RunDir(run_dir)
+    if not rd.last.exists():
+        return False
+    return bool(load_checkpoint(rd.last).get("finished")) and rd.test_metrics.exists()
+
+
+def _run_stage(cfg: Config, data: TrafficData | None, **kw) -> RunResult:
+    """Run, resume or (when complete) reload one stage."""
+    rd = RunDir(cfg.out)
+    if _stage_done(rd.root):
+        state = load_checkpoint(rd.last)
+        return RunResult(rd.root, state["best_epoch"], state["best_val_mae"],
+                         pd.read_csv(rd.test_metrics, index_col=0), pd.DataFrame(state["history"]))
+    return Trainer(cfg, data, resume=rd.last.exists(), **kw).fit()
+
+
+def train(cfg: Config, data: TrafficData | None = None, resume: bool = False, **kw) -> RunResult:
+    """Train as ``cfg`` says; with ``train.pretrain_horizon`` first pretrain, then finetune.
+
+    ``resume=True`` continues whatever stage was interrupted. ``kw`` goes to :class:`Trainer`
+    (``model``, ``loss_fn``).
+    """
+    cfg = copy.deepcopy(cfg)
+    k = cfg.train.pretrain_horizon
+    if k is None:
+        return Trainer(cfg, data, resume=resume, **kw).fit()
+    cfg.validate().resolve()
+    if resume and _stage_done(Path(cfg.out)):
+        raise file_error(cfg.out, "run already finished; nothing to resume")
+    pre = copy.deepcopy(cfg)
+    pre.out = str(Path(cfg.out) / f"pretrain-h{k}")
+    pre.data.horizon = k
+    pre.train.pretrain_horizon = None
+    if not resume and RunDir(cfg.out).holds_run():
+        raise file_error(cfg.out, "already holds a run; resume it with --resume or choose another --out")
+    RunDir(cfg.out).check_writable()
+    cfg.save(RunDir(cfg.out).root / "pipeline.json")
+    _run_stage(pre, None if data is None else _with_horizon(data, k), **kw)
+    fine = copy.deepcopy(cfg)
+    fine.train.init_from = pre.out
+    return _run_stage(fine, data, **kw)
+
+
+def _with_horizon(data: TrafficData, horizon: int) -> TrafficData:
+    cfg = copy.deepcopy(data.config)
+    cfg.horizon = horizon
+    return TrafficData.from_frames(data.speeds, data.graph, cfg, source=data.source)
+
+
+def load_trained(run_dir: str | Path, device: str | torch.device = "cpu",
+                 which: str = "best") -> tuple[GWNet, Config, StandardScaler, list[str]]:
+    """Rebuild the model of a run directory: ``(model in eval mode, config, scaler, sensor ids)``."""
+    rd = RunDir(run_dir)
+    if not rd.root.is_dir():
+        raise file_error(rd.root, "no such run directory")
+    state = load_checkpoint(rd.best if which == "best" else rd.last, map_location=device)
+    cfg = Config.from_dict(state["config"], source=str(rd.root))
+    scaler = StandardScaler(**state["scaler"])
+    sensor_ids = list(state["sensor_ids"])
+    supports = []
+    if not cfg.model.aptonly:
+        supports = to_torch(build_supports(state["adjacency"].numpy(), cfg.data.adjtype),
+                            dense=cfg.model.graph_conv == "dense")
+    model = GWNet(cfg.model, supports)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg, scaler, sensor_ids

@@ -1,0 +1,38 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+setup(
+    name="gwnet",
+    version="0.1.0",
+    description="Graph WaveNet (original and improved) for spatio-temporal traffic forecasting",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["gwnet", "gwnet.*"]),
+    install_requires=[
+        "torch>=2.2",
+        "torch-geometric>=2.4",
+        "numpy>=1.24",
+        "pandas>=2.0",
+        "scipy>=1.10",
+        "h5py>=3.8",
+        "tables>=3.8",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "parquet": ["pyarrow>=12"],
+        "test": ["pytest>=7", "pyarrow>=12"],
+    },
+    entry_points={
+        "console_scripts": [
+            "gwnet-train=gwnet.cli.train:main",
+            "gwnet-predict=gwnet.cli.predict:main",
+            "gwnet-data=gwnet.cli.data:main",
+        ]
+    },
+)
