@@ -178,7 +178,7 @@ def check_speeds(frame: pd.DataFrame, source: str = "data", dtype=np.float32) ->
     if (values < 0).any():
         raise file_error(source, f"negative speeds (minimum {values.min():g})")
     if len(index) > 1:
-        steps = np.diff(index.asi8)
+        steps = np.diff(index.as_unit("ns").asi8)
         step_ns = STEP.value
         if (steps % step_ns).any():
             raise file_error(source, "timestamps are not on a 5-minute grid")

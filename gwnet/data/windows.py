@@ -27,7 +27,7 @@ def calendar_features(index: pd.DatetimeIndex, time_of_day: bool, day_of_week: b
     if time_of_day:
         cols.append(((index - index.normalize()) / pd.Timedelta(days=1)).to_numpy()[:, None])
     if day_of_week:
-        cols.append(np.eye(7)[index.dayofweek.to_numpy()])
+        cols.append(np.eye(7)[index.day_of_week.to_numpy()])
     if not cols:
         return np.zeros((len(index), 0), dtype=dtype)
     return np.concatenate(cols, axis=1).astype(dtype)
