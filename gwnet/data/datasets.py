@@ -121,10 +121,10 @@ class TrafficData:
     def supports(self) -> list[sp.csr_matrix]:
         return build_supports(self.graph.adj, self.config.adjtype)
 
-    def latest(self) -> tuple[torch.Tensor, pd.Timestamp]:
+    def latest(self, scaler: StandardScaler | None = None) -> tuple[torch.Tensor, pd.Timestamp]:
         """The last ``seq_len`` readings as one scaled input ``(1, seq_len, N, F)``, and its origin."""
         x = torch.from_numpy(self.series[-self.config.seq_len:].copy())[None]
-        x[..., 0] = self.scaler.transform(x[..., 0])
+        x[..., 0] = (scaler or self.scaler).transform(x[..., 0])
         return x, self.speeds.index[-1]
 
 

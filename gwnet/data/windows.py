@@ -71,19 +71,24 @@ class Windows(torch.utils.data.Dataset):
         x, y = self.batch(torch.tensor([i]))
         return x[0], y[0]
 
-    def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs ``(B, seq_len, N, F)`` and targets ``(B, horizon, N)`` of windows at ``positions``."""
+    def batch(self, positions: torch.Tensor,
+              scaler: StandardScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs ``(B, seq_len, N, F)`` and targets ``(B, horizon, N)`` of windows at ``positions``.
+
+        Inputs are scaled with ``scaler`` (default: the split's), so models trained with other
+        statistics can read the same windows.
+        """
         first = positions.to(torch.long)[:, None] + self.start
         x = self.series[first + self._in_steps]
-        x[..., 0] = self.scaler.transform(x[..., 0])
+        x[..., 0] = (scaler or self.scaler).transform(x[..., 0])
         y = self.series[first + self._out_steps, :, 0]
         return x, y
 
-    def batches(self, batch_size: int, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+                scaler: StandardScaler | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
         for chunk in order.split(batch_size):
-            yield self.batch(chunk)
+            yield self.batch(chunk, scaler)
 
     def num_batches(self, batch_size: int) -> int:
         return -(-len(self) // batch_size)
