@@ -1,0 +1,403 @@
+"""A synthetic traffic-speed dataset in the METR-LA formats, the package's default data.
+
+Real loop-detector readings cannot always be downloaded, so :func:`generate` simulates a
+road network and its 5-minute speeds, and :func:`write` stores them exactly as METR-LA is
+published: ``speeds.h5`` (a pandas frame under key ``df``), DCRNN's ``adj_mx.pkl`` triple,
+``distances.csv`` (``from,to,distance`` in meters) and ``locations.csv``.
+
+What is modelled:
+
+* **Network.** A few straight freeways cross a planar region (around Los Angeles); each has
+  two carriageways with sensors every 0.3-3 km. A sensor links to the next one downstream;
+  where freeways cross, interchange ramps link the last sensor before the crossing to the
+  first one after it on the other freeway. Road distances are shortest directed paths,
+  unknown (``inf``) beyond a cutoff, and the adjacency is DCRNN's thresholded Gaussian
+  kernel of them (about 4% dense at 207 sensors, like METR-LA).
+* **Demand.** A daily cycle with morning and evening rush hours, the morning one heavier
+  towards the city on one carriageway and the evening one on the other; weekends have a
+  weaker midday hump instead. Each day shifts and scales the peaks a little, and each
+  sensor's demand wanders slowly around its carriageway's.
+* **Congestion.** Sensors whose demand exceeds their capacity (bottlenecks, mostly merges
+  after interchanges) break down; a congested sensor slows the sensors upstream of it after
+  the time a backward shockwave needs to cover the gap, so queues grow upstream and the
+  readings downstream foreshadow those upstream. Random incidents (more in busy hours) cut
+  a sensor's capacity for tens of minutes and spread the same way; queues clear gradually.
+* **Readings.** Free-flow speed 60-70 mph per sensor, a mild slowdown with traffic volume,
+  autocorrelated sensor noise, values clipped to 70 mph like METR-LA and stored as float32.
+  Missing readings are 0.0: single dropouts, sensor outages of hours and rare gaps where
+  the whole network reports nothing.
+
+The same seed gives byte-identical arrays.
+"""
+from __future__ import annotations
+
+import operator
+import os
+import pickle
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy.signal import lfilter
+from scipy.sparse.csgraph import dijkstra
+
+from ..errors import GWNetError
+from .graph import SensorGraph, gaussian_kernel_adjacency
+
+STEPS_PER_DAY = 288  # 5-minute readings
+MAX_SPEED = 70.0  # METR-LA clips speeds at 70 mph
+MIN_SPEED = 3.0  # valid readings stay above 0, which is reserved for "missing"
+MAX_NODES = 10_000  # the adjacency and the distances are dense N x N matrices
+
+# Network layout (meters).
+SENSOR_GAP_MIN = 300.0  # gaps are this plus a gamma draw: mean ~1.1 km, rarely above 3 km
+SENSOR_GAP_SHAPE, SENSOR_GAP_SCALE = 2.0, 400.0
+ROAD_CUTOFF = 13_000.0  # road distances beyond this are unknown, as in DCRNN's file
+KERNEL_K = 0.1  # DCRNN's normalized_k
+CENTER_LAT, CENTER_LON = 34.08, -118.30
+M_PER_DEG_LAT = 110_574.0
+M_PER_DEG_LON = 111_320.0 * np.cos(np.radians(CENTER_LAT))
+
+# Traffic dynamics.
+SHOCKWAVE_M_PER_STEP = 600.0  # queue tails grow upstream at ~7 km/h
+MAX_DELAY = 6  # steps; longer gaps take this long
+CHAIN_SPILL = 0.9  # share of a downstream queue felt upstream on the same carriageway
+RAMP_SPILL = 0.15  # the same through an interchange ramp (taken from the chain's share)
+ONSET_RATE, CLEAR_RATE = 0.6, 0.2  # per step: breakdowns are sudden, recovery gradual
+BREAKDOWN_WIDTH = 0.1  # demand above capacity by this much means full congestion
+INCIDENTS_PER_SENSOR_DAY = 0.12
+
+# Missing readings.
+DROPOUT_RATE = 0.004  # single lost readings
+OUTAGES_PER_SENSOR_DAY = 0.1
+OUTAGE_MEDIAN_STEPS = 36  # 3 hours
+NETWORK_GAPS_PER_DAY = 1 / 30
+
+
+@dataclass
+class SyntheticTraffic:
+    """A generated dataset; ``speeds`` columns, ``graph`` and ``locations`` share one order."""
+
+    speeds: pd.DataFrame
+    graph: SensorGraph
+    distances: pd.DataFrame
+    locations: pd.DataFrame
+
+
+@dataclass
+class _Network:
+    """Sensors in layout order: grouped by carriageway, each in driving order."""
+
+    xy: np.ndarray  # (N, 2) meters east/north of the centre
+    carriageway: np.ndarray  # (N,) index into the carriageway profiles
+    inbound: np.ndarray  # (n_carriageways,) True where the morning rush is the heavy one
+    links: np.ndarray  # (L, 2) upstream -> downstream sensor of each road link
+    link_m: np.ndarray  # (L,) road length of each link
+    ramp: np.ndarray  # (L,) True for interchange ramps
+    bottleneck: np.ndarray  # (N,) True where capacity is low
+    distances: np.ndarray  # (N, N) directed road distance, inf beyond the cutoff
+
+
+def generate(nodes: int = 40, days: int = 14, seed: int = 0,
+             start: str = "2012-03-01") -> SyntheticTraffic:
+    """Simulate ``days`` of 5-minute speeds at ``nodes`` sensors, starting at ``start``."""
+    nodes, days, seed = _check_arguments(nodes, days, seed)
+    try:
+        index = pd.date_range(pd.Timestamp(start), periods=days * STEPS_PER_DAY, freq="5min",
+                              unit="ns")  # METR-LA's resolution
+    except (TypeError, ValueError):
+        raise GWNetError(f"synthetic data: start {start!r} is not a date") from None
+    rng = np.random.default_rng(seed)
+    net = _road_network(nodes, rng)
+    speeds = _simulate(net, index, rng)
+    # Publish the sensors in a random order with random ids, as real files are: neither the
+    # column position nor the id may tell a model which sensors are neighbours.
+    order = rng.permutation(nodes)
+    ids = [str(i) for i in 400_000 + rng.choice(600_000, size=nodes, replace=False)]
+    dist = np.round(net.distances[np.ix_(order, order)], 1)
+    src, dst = np.nonzero(np.isfinite(dist))
+    lat = CENTER_LAT + net.xy[order, 1] / M_PER_DEG_LAT
+    lon = CENTER_LON + net.xy[order, 0] / M_PER_DEG_LON
+    return SyntheticTraffic(
+        speeds=pd.DataFrame(speeds[:, order], index=index, columns=ids),
+        graph=SensorGraph(ids, gaussian_kernel_adjacency(dist, KERNEL_K)),
+        distances=pd.DataFrame({"from": [ids[i] for i in src], "to": [ids[j] for j in dst],
+                                "distance": dist[src, dst]}),
+        locations=pd.DataFrame({"sensor_id": ids, "latitude": np.round(lat, 6),
+                                "longitude": np.round(lon, 6)}),
+    )
+
+
+def write(out_dir: str | os.PathLike, nodes: int = 40, days: int = 14,
+          seed: int = 0) -> dict[str, Path]:
+    """Generate a dataset and write it in the METR-LA file formats into ``out_dir``.
+
+    Returns the paths under the keys ``speeds``, ``adj``, ``distances`` and ``locations``.
+    Each file appears complete or not at all, and ``speeds.h5`` is written last.
+    """
+    data = generate(nodes, days, seed)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GWNetError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
+    ids = data.graph.sensor_ids
+    triple = [list(ids), {s: i for i, s in enumerate(ids)}, data.graph.adj]
+
+    def dump_pickle(path: Path) -> None:
+        with open(path, "wb") as fh:
+            pickle.dump(triple, fh, protocol=2)  # protocol 2: what DCRNN's files use
+
+    # The speeds go last: a folder that holds speeds.h5 holds the whole dataset.
+    writers: dict[str, tuple[str, Callable[[Path], None]]] = {
+        "distances": ("distances.csv", lambda p: data.distances.to_csv(p, index=False)),
+        # METR-LA's graph_sensor_locations.csv carries the row number as an "index" column.
+        "locations": ("locations.csv", lambda p: data.locations.to_csv(p, index_label="index")),
+        "adj": ("adj_mx.pkl", dump_pickle),
+        "speeds": ("speeds.h5", lambda p: data.speeds.to_hdf(p, key="df", mode="w", format="fixed")),
+    }
+    paths = {}
+    for key, (name, write_to) in writers.items():
+        paths[key] = _atomic_write(out / name, write_to)
+    return paths
+
+
+def _check_arguments(nodes: int, days: int, seed: int) -> tuple[int, int, int]:
+    values = []
+    for name, value, low in (("nodes", nodes, 2), ("days", days, 1), ("seed", seed, 0)):
+        if isinstance(value, bool):
+            raise GWNetError(f"synthetic data: {name} must be an integer, got {value!r}")
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise GWNetError(f"synthetic data: {name} must be an integer, got {value!r}") from None
+        if value < low:
+            raise GWNetError(f"synthetic data: {name} must be at least {low}, got {value}")
+        values.append(value)
+    if values[0] > MAX_NODES:
+        raise GWNetError(f"synthetic data: nodes must be at most {MAX_NODES}, got {values[0]}")
+    return values[0], values[1], values[2]
+
+
+def _atomic_write(path: Path, write_to: Callable[[Path], None]) -> Path:
+    """Write through a temporary file in the same folder, then rename it over ``path``.
+
+    The temporary name is random rather than made by ``mkstemp``, whose private permissions
+    the finished file would keep; the writer creates it like any other file.
+    """
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write_to(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise GWNetError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        raise
+    return path
+
+
+def _road_network(nodes: int, rng: np.random.Generator) -> _Network:
+    """Lay out freeways, place sensors along both carriageways and link them into roads."""
+    n_freeways = max(1, round(np.sqrt(nodes) / 3))
+    n_cw = 2 * n_freeways  # carriageway 2f drives up the freeway's axis, 2f + 1 down it
+    per_cw = np.full(n_cw, nodes // n_cw)
+    per_cw[rng.permutation(n_cw)[: nodes % n_cw]] += 1
+
+    # Sensor positions along each carriageway's axis, in meters from the freeway's start.
+    gaps = SENSOR_GAP_MIN + rng.gamma(SENSOR_GAP_SHAPE, SENSOR_GAP_SCALE, size=nodes)
+    first = rng.uniform(200.0, 1500.0, size=n_cw)
+    axis_pos, bounds = [], np.cumsum(np.concatenate([[0], per_cw]))
+    for c in range(n_cw):
+        axis_pos.append(first[c] + np.cumsum(gaps[bounds[c]:bounds[c + 1]]) - gaps[bounds[c]])
+    # Every carriageway has a sensor, as 2 * max(1, round(sqrt(n) / 3)) <= n for n >= 2.
+    length = np.array([max(axis_pos[2 * f][-1], axis_pos[2 * f + 1][-1])
+                       for f in range(n_freeways)]) + rng.uniform(200.0, 1500.0, size=n_freeways)
+    # The downward carriageway meets its sensors in reverse axis order.
+    for f in range(n_freeways):
+        axis_pos[2 * f + 1] = length[f] - axis_pos[2 * f + 1]
+
+    # Freeways at spread-out angles through points near the centre, so that most cross.
+    angle = np.pi * np.arange(n_freeways) / n_freeways + rng.normal(0.0, 0.15, n_freeways)
+    direction = np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    middle = rng.normal(0.0, 0.15, (n_freeways, 2)) * length.mean()
+    origin = middle - direction * length[:, None] / 2
+
+    freeway = np.repeat(np.arange(n_cw) // 2, per_cw)
+    carriageway = np.repeat(np.arange(n_cw), per_cw)
+    pos = np.concatenate(axis_pos)
+    sign = np.where(carriageway % 2 == 0, 1.0, -1.0)  # travel direction along the axis
+    normal = np.stack([direction[freeway, 1], -direction[freeway, 0]], axis=1)
+    xy = origin[freeway] + direction[freeway] * pos[:, None] + normal * (15.0 * sign)[:, None]
+
+    links, link_m, ramp = [], [], []
+    for c in range(n_cw):
+        s = np.arange(bounds[c], bounds[c + 1])
+        links += list(zip(s[:-1], s[1:]))
+        link_m += list(np.abs(np.diff(pos[s])))
+        ramp += [False] * (len(s) - 1)
+
+    bottleneck = rng.random(nodes) < 0.08
+    for a in range(n_freeways):
+        for b in range(a + 1, n_freeways):
+            cross = direction[a, 0] * direction[b, 1] - direction[a, 1] * direction[b, 0]
+            if abs(cross) < 0.2:  # nearly parallel: no interchange
+                continue
+            delta = origin[b] - origin[a]
+            at_a = (delta[0] * direction[b, 1] - delta[1] * direction[b, 0]) / cross
+            at_b = (delta[0] * direction[a, 1] - delta[1] * direction[a, 0]) / cross
+            if not (0 <= at_a <= length[a] and 0 <= at_b <= length[b]):
+                continue
+            for (f, at_f), (g, at_g) in (((a, at_a), (b, at_b)), ((b, at_b), (a, at_a))):
+                for c_from in (2 * f, 2 * f + 1):
+                    for c_to in (2 * g, 2 * g + 1):
+                        u = _last_before(pos, sign, bounds, c_from, at_f)
+                        v = _first_after(pos, sign, bounds, c_to, at_g)
+                        if u is None or v is None:
+                            continue
+                        links.append((u, v))
+                        link_m.append(abs(at_f - pos[u]) + abs(pos[v] - at_g)
+                                      + rng.uniform(200.0, 800.0))
+                        ramp.append(True)
+                        # Merging traffic makes the sensor after a ramp a likely bottleneck.
+                        bottleneck[v] |= rng.random() < 0.5
+
+    links = np.array(links, dtype=np.int64).reshape(-1, 2)
+    link_m = np.round(np.array(link_m, dtype=np.float64), 1)
+    roads = sp.csr_matrix((link_m, (links[:, 0], links[:, 1])), shape=(nodes, nodes))
+    distances = dijkstra(roads, directed=True, limit=ROAD_CUTOFF)
+    return _Network(xy=xy, carriageway=carriageway, inbound=rng.random(n_cw) < 0.5,
+                    links=links, link_m=link_m, ramp=np.array(ramp, dtype=bool),
+                    bottleneck=bottleneck, distances=distances)
+
+
+def _last_before(pos: np.ndarray, sign: np.ndarray, bounds: np.ndarray, c: int,
+                 at: float) -> int | None:
+    """The last sensor of carriageway ``c`` before driving past axis position ``at``."""
+    s = np.arange(bounds[c], bounds[c + 1])
+    before = s[sign[s] * (pos[s] - at) < 0]
+    return int(before[-1]) if before.size else None
+
+
+def _first_after(pos: np.ndarray, sign: np.ndarray, bounds: np.ndarray, c: int,
+                 at: float) -> int | None:
+    """The first sensor of carriageway ``c`` after driving past axis position ``at``."""
+    s = np.arange(bounds[c], bounds[c + 1])
+    after = s[sign[s] * (pos[s] - at) > 0]
+    return int(after[0]) if after.size else None
+
+
+def _demand_profiles(index: pd.DatetimeIndex, inbound: np.ndarray,
+                     rng: np.random.Generator) -> np.ndarray:
+    """``(T, carriageways)`` traffic demand relative to a typical bottleneck's capacity."""
+    n_cw = inbound.size
+    hour = (index.hour + index.minute / 60.0).to_numpy()[:, None]
+    day = (index.normalize() - index[0].normalize()).days.to_numpy()
+    weekday = index.day_of_week.to_numpy()[:, None]
+    n_days = day[-1] + 1
+    # Every day its rush hours come a little earlier or later and heavier or lighter.
+    shift = rng.normal(0.0, 0.3, (n_days, n_cw))[day]
+    scale = rng.lognormal(0.0, 0.07, (n_days, n_cw))[day]
+    am_peak = np.where(inbound, 0.5, 0.15)
+    pm_peak = np.where(inbound, 0.2, 0.45)
+    h = hour - shift
+
+    def sigmoid(x: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-x))
+
+    weekday_demand = (0.55 * sigmoid((h - 6.0) / 0.6) * sigmoid((21.5 - h) / 1.2)
+                      + am_peak * np.exp(-0.5 * ((h - 7.75) / 0.8) ** 2)
+                      + pm_peak * np.exp(-0.5 * ((h - 17.25) / 1.1) ** 2))
+    weekend_demand = (0.45 * sigmoid((h - 8.0) / 1.0) * sigmoid((22.0 - h) / 1.2)
+                      + 0.25 * np.exp(-0.5 * ((h - 14.5) / 2.5) ** 2))
+    weekend_demand = weekend_demand * np.where(weekday == 6, 0.9, 1.0)  # Sundays are quieter
+    return 0.1 + scale * np.where(weekday >= 5, weekend_demand, weekday_demand)
+
+
+def _simulate(net: _Network, index: pd.DatetimeIndex, rng: np.random.Generator) -> np.ndarray:
+    """``(T, N)`` float32 speeds in layout order, 0.0 where a reading is missing."""
+    steps, nodes = len(index), net.xy.shape[0]
+
+    # Demand per sensor: its carriageway's profile, a local factor and a slow wander.
+    demand = _demand_profiles(index, net.inbound, rng)[:, net.carriageway]
+    demand *= rng.uniform(0.9, 1.1, nodes)
+    demand += _ar1(rng, (steps, nodes), phi=0.97, sd=0.04)
+
+    # Breakdown where demand exceeds capacity; incidents cut capacity for a while.
+    capacity = np.where(net.bottleneck, rng.uniform(0.8, 0.95, nodes), rng.uniform(1.05, 1.4, nodes))
+    drive = np.clip((demand - capacity) / BREAKDOWN_WIDTH, 0.0, 1.0)
+    n_incidents = rng.poisson(INCIDENTS_PER_SENSOR_DAY * nodes * steps / STEPS_PER_DAY)
+    t0 = rng.integers(0, steps, n_incidents)
+    sensor = rng.integers(0, nodes, n_incidents)
+    durations = np.clip(rng.lognormal(np.log(8.0), 0.5, n_incidents), 2, 30).astype(np.int64)
+    severity = rng.uniform(0.5, 1.0, n_incidents)
+    happens = rng.random(n_incidents) < demand[t0, sensor]  # busy roads have more crashes
+    for t, i, d, s in zip(t0[happens], sensor[happens], durations[happens], severity[happens]):
+        np.maximum(drive[t:t + d, i], s, out=drive[t:t + d, i])
+
+    congestion = _propagate(net, drive, demand)
+
+    free_flow = rng.uniform(60.0, 71.0, nodes)  # the fastest sensors sit at the 70 mph clip
+    depth = rng.uniform(0.65, 0.8, nodes)  # jammed speeds of about 10-25 mph
+    speed = free_flow * (1.0 - 0.1 * np.clip(demand, 0.0, 1.2)) * (1.0 - depth * congestion)
+    speed += (1.2 + 2.0 * congestion) * _ar1(rng, (steps, nodes), phi=0.5, sd=1.0)
+    speed = np.clip(speed, MIN_SPEED, MAX_SPEED).astype(np.float32)
+    speed[_missing_mask(rng, steps, nodes)] = 0.0
+    return speed
+
+
+def _propagate(net: _Network, drive: np.ndarray, demand: np.ndarray) -> np.ndarray:
+    """Congestion level in [0, 1] per step and sensor, spreading upstream along the links.
+
+    A sensor heads for the larger of its own breakdown and the delayed congestion of its
+    downstream links; a queue spreads upstream only while there is traffic to join it.
+    """
+    steps, nodes = drive.shape
+    up, down = net.links[:, 0], net.links[:, 1]
+    # A sensor before an interchange feels queues on its ramps' far ends as well as on its
+    # own carriageway; the shares sum below 1 so that queues fade as they spread.
+    ramps_out = np.bincount(up[net.ramp], minlength=nodes)
+    chain_weight = np.where(ramps_out > 0, CHAIN_SPILL - RAMP_SPILL, CHAIN_SPILL)
+    weight = np.where(net.ramp, RAMP_SPILL / np.maximum(ramps_out, 1)[up], chain_weight[up])
+    delay = np.clip(np.round(net.link_m / SHOCKWAVE_M_PER_STEP), 1, MAX_DELAY).astype(np.int64)
+    # The loop reads the last MAX_DELAY rows flattened; link k looks at row t - delay[k].
+    history_col = (MAX_DELAY - delay) * nodes + down
+    joining = np.clip((demand - 0.25) / 0.5, 0.0, 1.0)  # no queue forms on an empty road
+
+    level = np.zeros((steps + MAX_DELAY, nodes))
+    for t in range(steps):
+        recent = level[t:t + MAX_DELAY].ravel()
+        spill = np.bincount(up, weights=recent[history_col] * weight, minlength=nodes)
+        target = np.maximum(drive[t], spill * joining[t])
+        previous = level[t + MAX_DELAY - 1]
+        rate = np.where(target > previous, ONSET_RATE, CLEAR_RATE)
+        level[t + MAX_DELAY] = previous + rate * (target - previous)
+    return level[MAX_DELAY:]
+
+
+def _ar1(rng: np.random.Generator, shape: tuple[int, int], phi: float, sd: float) -> np.ndarray:
+    """Stationary AR(1) noise along axis 0 with standard deviation ``sd``."""
+    shocks = rng.standard_normal(shape)
+    shocks[0] /= np.sqrt(1.0 - phi**2)  # start in the stationary distribution
+    return lfilter([sd * np.sqrt(1.0 - phi**2)], [1.0, -phi], shocks, axis=0)
+
+
+def _missing_mask(rng: np.random.Generator, steps: int, nodes: int) -> np.ndarray:
+    """Readings lost to single dropouts, sensor outages and network-wide gaps."""
+    missing = np.zeros((steps, nodes), dtype=bool)
+    n_drop = rng.binomial(steps * nodes, DROPOUT_RATE)
+    missing[rng.integers(0, steps, n_drop), rng.integers(0, nodes, n_drop)] = True
+    n_out = rng.poisson(OUTAGES_PER_SENSOR_DAY * nodes * steps / STEPS_PER_DAY)
+    starts = rng.integers(0, steps, n_out)
+    sensors = rng.integers(0, nodes, n_out)
+    lengths = np.clip(rng.lognormal(np.log(OUTAGE_MEDIAN_STEPS), 1.0, n_out), 3, 2 * STEPS_PER_DAY)
+    for t, i, d in zip(starts, sensors, lengths.astype(np.int64)):
+        missing[t:t + d, i] = True
+    n_gaps = rng.poisson(NETWORK_GAPS_PER_DAY * steps / STEPS_PER_DAY)
+    for t, d in zip(rng.integers(0, steps, n_gaps), rng.integers(12, 72, n_gaps)):
+        missing[t:t + d] = True
+    return missing
