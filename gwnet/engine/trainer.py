@@ -25,9 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path
-from ..config import Config
+from ..config import Config, DataConfig, TrainConfig
 from ..data import TrafficData, build_supports, load_data, to_torch
 from ..data.scaler import StandardScaler
+from ..data.windows import Windows
 from ..errors import GWNetError, file_error
 from ..nn import GWNet, load_for_more_horizons
 from .checkpoint import RunDir, load_checkpoint, save_checkpoint
@@ -164,13 +165,8 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
 
-    def _autocast(self):
-        if self.cfg.train.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with autocast(self.device, self.cfg.train.precision):
             out = self.model(x.to(self.device, non_blocking=True))
         return self.data.scaler.inverse_transform(out.float())
 
@@ -221,14 +217,12 @@ class Trainer:
         p.partial = None
         return acc.overall()
 
-    @torch.no_grad()
     def evaluate(self, split: str = "val") -> MetricAccumulator:
         """Clamped, masked metrics of the current model on a split."""
-        t = self.cfg.train
-        self.model.eval()
-        acc = MetricAccumulator(self.cfg.data.horizon, t.null_value)
-        for x, y in self.data.windows[split].batches(t.batch_size):
-            acc.update(self._forward(x).clamp(t.clamp_min, t.clamp_max), y)
+        acc = MetricAccumulator(self.cfg.data.horizon, self.cfg.train.null_value)
+        for pred, y in predict_batches(self.model, self.data.windows[split], self.data.scaler,
+                                       self.cfg.train, self.device):
+            acc.update(pred, y)
         return acc
 
     def fit(self) -> RunResult:
@@ -272,6 +266,24 @@ class Trainer:
             table.to_csv(tmp)
         return RunResult(self.run.root, self.progress.best_epoch, self.progress.best_val_mae, table,
                          pd.DataFrame(self.progress.history))
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast when asked for; fp32 runs untouched."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def predict_batches(model: torch.nn.Module, windows: Windows, scaler: StandardScaler, t: TrainConfig,
+                    device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(prediction, target)`` per batch of a split, in real units, clamped to the physical range."""
+    model.eval()
+    for x, y in windows.batches(t.batch_size, scaler=scaler):
+        with autocast(device, t.precision):
+            out = model(x.to(device))
+        yield scaler.inverse_transform(out.float()).clamp(t.clamp_min, t.clamp_max).cpu(), y
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -351,6 +363,24 @@ def _with_horizon(data: TrafficData, horizon: int) -> TrafficData:
     cfg = copy.deepcopy(data.config)
     cfg.horizon = horizon
     return TrafficData.from_frames(data.speeds, data.graph, cfg, source=data.source)
+
+
+def evaluate(run_dir: str | Path, data: DataConfig | TrafficData | None = None, split: str = "test",
+             device: str = "cpu") -> pd.DataFrame:
+    """Per-horizon test metrics (plus the mean row) of a run's best model on ``data``.
+
+    ``data`` defaults to the data the run was trained on; a :class:`DataConfig` or a loaded
+    :class:`TrafficData` evaluates on other readings of the same sensors, scaled as in training.
+    """
+    model, cfg, scaler, sensor_ids = load_trained(run_dir, device)
+    if not isinstance(data, TrafficData):
+        data = load_data(data or cfg.data, scaler=scaler)
+    if data.sensor_ids != sensor_ids:
+        raise GWNetError(f"{data.source}: sensors differ from those of run {run_dir}")
+    acc = MetricAccumulator(cfg.data.horizon, cfg.train.null_value)
+    for pred, y in predict_batches(model, data.windows[split], scaler, cfg.train, torch.device(device)):
+        acc.update(pred, y)
+    return acc.table()
 
 
 def load_trained(run_dir: str | Path, device: str | torch.device = "cpu",
