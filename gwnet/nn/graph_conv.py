@@ -1,0 +1,130 @@
+"""Diffusion graph convolution over several supports (fixed and adaptive)."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import GWNetError
+
+KERNELS = ("fast", "dense")
+
+# Share of non-zero entries below which a CSR support beats a dense matmul on CPU
+# (measured on a 207-node graph: CSR is ~3x faster at 4%, break-even near 10%).
+SPARSE_DENSITY = 0.1
+
+
+def prepare_support(support: Tensor, kernel: str = "fast") -> Tensor:
+    """Put an :math:`N \\times N` support (dense or sparse) in the form ``kernel`` runs fastest.
+
+    ``dense`` gets a strided tensor; ``fast`` gets a CSR tensor when the support is sparse
+    enough to profit from it, else a strided one.
+    """
+    if kernel not in KERNELS:
+        raise GWNetError(f"graph_conv={kernel!r} is not one of {', '.join(KERNELS)}")
+    dense = support.to_dense() if support.layout != torch.strided else support
+    dense = dense.to(torch.get_default_dtype())
+    if kernel == "fast" and dense.count_nonzero() < SPARSE_DENSITY * dense.numel():
+        with warnings.catch_warnings():
+            # torch calls all of CSR "beta"; the one product used here is covered by tests.
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+            return dense.to_sparse_csr()
+    return dense.contiguous()
+
+
+class DiffusionGraphConv(nn.Module):
+    r"""Diffusion convolution of Graph WaveNet (Wu et al. 2019, Eq. 7).
+
+    .. math::
+        \mathbf{Z} = \mathrm{Dropout}\Big(\mathbf{W}\,\big[\mathbf{X},\,
+        \mathbf{A}_1\mathbf{X},\, \dots,\, \mathbf{A}_1^K\mathbf{X},\, \mathbf{A}_2\mathbf{X},\,
+        \dots,\, \mathbf{A}_S^K\mathbf{X}\big] + \mathbf{b}\Big)
+
+    where :math:`K` is ``order``, the :math:`S` supports come in the order given (fixed ones,
+    then the adaptive one) and :math:`\mathbf{A}\mathbf{X}` aggregates over source nodes as in
+    the reference, :math:`(\mathbf{A}\mathbf{X})_w = \sum_v A_{vw}\,\mathbf{X}_v`, i.e. row
+    :math:`v` of a support holds what node :math:`v` sends. :math:`\mathbf{W}` is a
+    :math:`1 \times 1` convolution over the :math:`(KS + 1)\,C_{in}` concatenated channels.
+
+    Two kernels compute the same function with the same parameters. ``dense`` is the reference
+    math (einsum per support and power in the reference layout, concatenation, 1x1
+    convolution), kept to check ``fast`` against. ``fast`` propagates node-major 2-D views,
+    :math:`\mathbf{A}^\top \mathbf{X}` with :math:`\mathbf{X}` as :math:`N \times (L B C)`
+    (sparse CSR supports welcome), and accumulates :math:`\mathbf{W}_k (\mathbf{A}^k
+    \mathbf{X})` block by block instead of materialising the concatenation.
+
+    Args:
+        in_channels: channels :math:`C_{in}` of the input.
+        out_channels: channels of the output.
+        num_supports: supports :math:`S` passed to each call.
+        order: diffusion steps :math:`K` per support.
+        dropout: dropout probability on the output.
+        kernel: ``"fast"`` or ``"dense"``.
+
+    Shapes:
+        input :math:`(N, L, B, C_{in})` (nodes, time, batch, channels) and :math:`S` supports
+        of shape :math:`(N, N)`; output :math:`(N, L, B, C_{out})`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, num_supports: int, order: int = 2,
+                 dropout: float = 0.0, kernel: str = "fast") -> None:
+        super().__init__()
+        if kernel not in KERNELS:
+            raise GWNetError(f"graph_conv={kernel!r} is not one of {', '.join(KERNELS)}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.num_supports = num_supports
+        self.order = order
+        self.dropout = dropout
+        self.kernel = kernel
+        self.weight = nn.Parameter(torch.empty(out_channels, (order * num_supports + 1) * in_channels))
+        self.bias = nn.Parameter(torch.empty(out_channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # The default initialisation of the reference's 1x1 Conv2d.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(self.weight.size(1))
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor, supports: Sequence[Tensor]) -> Tensor:
+        if len(supports) != self.num_supports:
+            raise GWNetError(f"graph convolution built for {self.num_supports} supports, "
+                             f"got {len(supports)}")
+        out = self._fast(x, supports) if self.kernel == "fast" else self._dense(x, supports)
+        # Dropout in the shared layout, so both kernels draw the same mask from one seed.
+        return F.dropout(out, self.dropout, self.training)
+
+    def _fast(self, x: Tensor, supports: Sequence[Tensor]) -> Tensor:
+        nodes, channels = x.size(0), self.in_channels
+        blocks = iter(self.weight.split(channels, dim=1))
+        out = torch.addmm(self.bias, x.reshape(-1, channels), next(blocks).t())
+        node_major = x.reshape(nodes, -1)
+        for support in supports:
+            h = node_major
+            for _ in range(self.order):
+                # A^T h sums over source nodes; a CSR support's transpose is a free CSC view.
+                h = support.t() @ h
+                # In place is safe: addmm does not keep its output for backward.
+                out = out.addmm_(h.view(-1, channels), next(blocks).t())
+        return out.view(*x.shape[:-1], self.out_channels)
+
+    def _dense(self, x: Tensor, supports: Sequence[Tensor]) -> Tensor:
+        h = x.permute(2, 3, 0, 1)  # (B, C, N, L), the reference layout
+        out = [h]
+        for support in supports:
+            a = support.to_dense() if support.layout != torch.strided else support
+            h_k = h
+            for _ in range(self.order):
+                h_k = torch.einsum("ncvl,vw->ncwl", h_k, a)
+                out.append(h_k)
+        z = F.conv2d(torch.cat(out, dim=1), self.weight[:, :, None, None], self.bias)
+        return z.permute(2, 3, 0, 1).contiguous()
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
+                f"num_supports={self.num_supports}, order={self.order}, kernel={self.kernel!r})")
