@@ -123,10 +123,11 @@ def test_interrupt_and_resume_equals_uninterrupted(finished_run, tmp_path):
     cfg_b = tiny_config(root / "data", tmp_path / "b", epochs=3)
     calls = {"n": 0}
     trainer = Trainer(cfg_b)
+    per_epoch = trainer.data.windows["train"].num_batches(cfg_b.train.batch_size)
 
     def interrupting_loss(pred, target, null_value):
         calls["n"] += 1
-        if calls["n"] == 7:  # mid-epoch 2 (5 batches per epoch)
+        if calls["n"] == per_epoch + 2:  # mid-epoch 2
             trainer._stop_signal = signal.SIGTERM
         return masked_mae(pred, target, null_value)
 
@@ -136,7 +137,7 @@ def test_interrupt_and_resume_equals_uninterrupted(finished_run, tmp_path):
     with pytest.raises(Interrupted):
         trainer.fit()
     state = load_checkpoint(RunDir(cfg_b.out).last)
-    assert state["epoch"] == 1 and state["partial"]["next_batch"] == 2
+    assert state["epoch"] == 1 and state["partial"]["next_batch"] == 2 and not state["finished"]
     resumed = train(cfg_b, resume=True)
     a = load_checkpoint(RunDir(result.run_dir).best)["model"]
     b = load_checkpoint(RunDir(resumed.run_dir).best)["model"]
@@ -210,8 +211,8 @@ def test_nan_loss_stops_with_clear_message(finished_run, tmp_path):
 def test_learns_better_than_last_value(tmp_path):
     from gwnet.data import synthetic
 
-    synthetic.write(tmp_path / "data", nodes=8, days=6, seed=3)
-    cfg = tiny_config(tmp_path / "data", tmp_path / "run", epochs=6, lr=3e-3)
+    synthetic.write(tmp_path / "data", nodes=8, days=4, seed=3)
+    cfg = tiny_config(tmp_path / "data", tmp_path / "run", epochs=4, lr=3e-3, batch_size=64)
     cfg.model.residual_channels = cfg.model.dilation_channels = 16
     cfg.model.skip_channels = cfg.model.end_channels = 32
     result = train(cfg)
@@ -220,29 +221,42 @@ def test_learns_better_than_last_value(tmp_path):
     assert result.best_val_mae < baseline, (result.best_val_mae, baseline)
 
 
-def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "gwnet", "train", *args], capture_output=True,
-                          text=True, cwd=cwd)
-
-
-def test_cli_end_to_end_and_bad_input(finished_run, tmp_path):
+def test_cli_end_to_end(finished_run, tmp_path):
     root, _, _ = finished_run
     out = tmp_path / "cli"
-    res = _cli("--dataset", str(root / "data"), "--out", str(out), "--epochs", "1",
-               "--residual-channels", "4", "--dilation-channels", "4", "--skip-channels", "8",
-               "--end-channels", "8", "--blocks", "1", "--no-progress")
+    res = subprocess.run([sys.executable, "-m", "gwnet", "train", "--dataset", str(root / "data"),
+                          "--out", str(out), "--epochs", "1", "--residual-channels", "4",
+                          "--dilation-channels", "4", "--skip-channels", "8", "--end-channels", "8",
+                          "--blocks", "1", "--no-progress"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "test metrics" in res.stdout and "mean" in res.stdout
     assert json.loads((out / "config.json").read_text())["model"]["residual_channels"] == 4
-    again = _cli("--resume", str(out))
-    assert again.returncode == 2 and "already finished" in again.stderr
-    assert again.stderr.strip().count("\n") == 0
-    missing = _cli("--resume", str(tmp_path / "nope"))
-    assert missing.returncode == 2 and "no such run directory" in missing.stderr
-    long = _cli("--dataset", str(root / "data"), "--out", str(tmp_path / "h"), "--horizon", "5000")
-    assert long.returncode == 2 and "too few" in long.stderr and "Traceback" not in long.stderr
-    bad = _cli("--precision", "fp8")
-    assert bad.returncode == 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--resume", "{run}"], "already finished"),
+    (["--resume", "{tmp}/nope"], "no such run directory"),
+    (["--resume", "{tmp}"], "not a gwnet run directory"),
+    (["--dataset", "{data}", "--out", "{tmp}/h", "--horizon", "5000"], "too few"),
+    (["--dataset", "{tmp}/missing"], "not a dataset name"),
+    (["--data", "{tmp}/x.h5", "--adj", "{tmp}/a.pkl", "--out", "{tmp}/o"], "no such data file"),
+])
+def test_cli_bad_input_is_one_line(finished_run, tmp_path, capsys, argv, message):
+    from gwnet.cli.train import main
+
+    root, _, result = finished_run
+    argv = [a.format(run=result.run_dir, tmp=tmp_path, data=root / "data") for a in argv]
+    assert main(argv + ["--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0 and err.startswith("gwnet-train: error:")
+
+
+def test_cli_rejects_unknown_choice(capsys):
+    from gwnet.cli.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--precision", "fp8"])
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
 def test_config_file_and_flag_precedence(tmp_path):

@@ -15,6 +15,8 @@ degrees are taken as 0.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -85,13 +87,19 @@ def build_supports(adj: np.ndarray | sp.spmatrix, adjtype: str = "doubletransiti
 def to_torch(supports: list[sp.spmatrix], dense: bool = False) -> list[torch.Tensor]:
     """Scipy supports as torch tensors: sparse CSR (default) or dense float32."""
     tensors = []
-    for m in supports:
-        m = sp.csr_matrix(m, dtype=np.float32)
-        if dense:
-            tensors.append(torch.from_numpy(m.toarray()))
-        else:
-            tensors.append(torch.sparse_csr_tensor(
-                torch.from_numpy(m.indptr.astype(np.int64)),
-                torch.from_numpy(m.indices.astype(np.int64)),
-                torch.from_numpy(m.data), size=m.shape))
+    with warnings.catch_warnings():
+        # torch flags sparse CSR as beta on every construction; the invariants hold by
+        # construction (scipy CSR with sorted indices), so checking them is wasted work.
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        for m in supports:
+            tensors.append(_to_tensor(m, dense))
     return tensors
+
+
+def _to_tensor(m: sp.spmatrix, dense: bool) -> torch.Tensor:
+    m = sp.csr_matrix(m, dtype=np.float32)
+    if dense:
+        return torch.from_numpy(m.toarray())
+    return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
+                                   torch.from_numpy(m.indices.astype(np.int64)),
+                                   torch.from_numpy(m.data), size=m.shape, check_invariants=False)
