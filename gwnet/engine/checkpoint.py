@@ -26,8 +26,12 @@ FORMAT_VERSION = 1
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Write ``payload`` with the format header, atomically."""
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "gwnet_version": __version__, **payload}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    except OSError as exc:
+        raise file_error(path, f"cannot write checkpoint ({exc.strerror or exc}); "
+                         "the previous one is intact") from None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -64,6 +68,11 @@ class RunDir:
 
     def holds_run(self) -> bool:
         return self.config.exists() or self.last.exists() or self.best.exists()
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete half-written files a killed run left behind (the real files are intact)."""
+        for tmp in self.root.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
     def check_writable(self) -> None:
         """Fail early, before any training, if outputs cannot be written here."""

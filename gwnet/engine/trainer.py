@@ -99,8 +99,11 @@ class Trainer:
         if not resume and self.run.holds_run():
             raise file_error(self.run.root, "already holds a run; resume it with --resume or choose another --out")
         self.run.check_writable()
+        self.run.remove_stale_temporaries()
         self.device = resolve_device(cfg.train.device)
         self.model = (model if model is not None else build_model(cfg, self.data)).to(self.device)
+        # A run killed before its first checkpoint has nothing to restore: it starts over.
+        resume = resume and self.run.last.exists()
         if cfg.train.init_from and not resume:
             init_from_run(self.model, cfg, self.data, cfg.train.init_from)
         self.loss_fn = loss_fn
@@ -175,8 +178,10 @@ class Trainer:
         windows = self.data.windows["train"]
         if p.partial is not None:
             order, start, sums = p.partial["order"], p.partial["next_batch"], p.partial["sums"]
+            grads = list(p.partial["grads"])
         else:
             order, start, sums = torch.randperm(len(windows), generator=self.generator), 0, None
+            grads = [0.0, 0.0, 0]  # sum, max, count of gradient norms (before clipping)
         batches = list(order.split(t.batch_size))
         if t.batches_per_epoch is not None:
             batches = batches[: t.batches_per_epoch]
@@ -191,23 +196,29 @@ class Trainer:
             y = y.to(self.device)
             pred = self._forward(x)
             loss = self.loss_fn(pred, y, t.null_value)
-            if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = torch.tensor(float("nan"))
+            if torch.isfinite(loss):
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                           t.clip if t.clip is not None else math.inf)
+            if not torch.isfinite(grad_norm):
+                what = "loss" if not torch.isfinite(loss) else "gradient"
                 if t.nan_policy == "stop":
-                    raise GWNetError(f"non-finite loss at epoch {epoch}, batch {b + 1}; stopped, the last "
+                    raise GWNetError(f"non-finite {what} at epoch {epoch}, batch {b + 1}; stopped, the last "
                                      f"good checkpoint is {self.run.last} (try a lower --lr or --nan-policy skip)")
-                warnings.warn(f"non-finite loss at epoch {epoch}, batch {b + 1}: batch skipped")
+                warnings.warn(f"non-finite {what} at epoch {epoch}, batch {b + 1}: batch skipped")
                 self.optimizer.zero_grad(set_to_none=True)
             else:
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if t.clip is not None:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip)
                 self.optimizer.step()
                 acc.update(pred, y)
+                grads[0] += float(grad_norm)
+                grads[1] = max(grads[1], float(grad_norm))
+                grads[2] += 1
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             bar.update()
             if self._stop_signal is not None:
-                p.partial = {"order": order, "next_batch": b + 1, "sums": acc.sums}
+                p.partial = {"order": order, "next_batch": b + 1, "sums": acc.sums, "grads": grads}
                 p.epoch = epoch - 1
                 bar.close()
                 self._save_last()
@@ -215,7 +226,7 @@ class Trainer:
                                   f"gwnet-train --resume {self.run.root}")
         bar.close()
         p.partial = None
-        return acc.overall()
+        return {**acc.overall(), "grad_norm": grads[0] / max(grads[2], 1), "grad_norm_max": grads[1]}
 
     def evaluate(self, split: str = "val") -> MetricAccumulator:
         """Clamped, masked metrics of the current model on a split."""
@@ -243,7 +254,8 @@ class Trainer:
                 else:
                     p.bad_epochs += 1
                 seconds = time.perf_counter() - started
-                p.history.append({"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
+                p.history.append({"epoch": epoch, **{(k if k.startswith("grad") else f"train_{k}"): v
+                                                     for k, v in train.items()},
                                   **{f"val_{k}": v for k, v in val.items()}, "lr": lr, "seconds": seconds})
                 p.finished = p.bad_epochs >= t.patience or epoch == t.epochs
                 self._save_last()
