@@ -65,7 +65,7 @@ from .data import TrafficData, Windows, load_data
 from .data.readers import STEP
 from .data.scaler import StandardScaler
 from .engine.metrics import MetricAccumulator, valid_mask
-from .engine.trainer import load_trained
+from .engine.trainer import forecast, load_trained
 from .errors import GWNetError, file_error
 from .nn import GWNet, load_reference_checkpoint
 
@@ -97,13 +97,9 @@ class Member:
     def horizon(self) -> int:
         return self.config.model.out_dim
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, horizon, N)`` forecast in real units, clamped as evaluation clamps, on the CPU."""
-        device = next(self.model.parameters()).device
-        out = self.model(x.to(device)).float().cpu()
-        t = self.config.train
-        return self.scaler.inverse_transform(out).clamp(t.clamp_min, t.clamp_max)
+        return forecast(self.model, x, self.scaler, self.config.train, next(self.model.parameters()).device)
 
 
 def member_names(paths: Sequence[str | Path]) -> list[str]:

@@ -30,7 +30,8 @@ def _parse_optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def _add_field(group, section: str | None, f) -> None:
+def add_field(group, section: str | None, f) -> None:
+    """Add the flag of config field ``f`` (of ``section``, or of the top level when None)."""
     hints = typing.get_type_hints(SECTION_CLASSES[section] if section else Config)
     kind = hints[f.name]
     optional = type(None) in typing.get_args(kind)
@@ -59,12 +60,12 @@ def add_config_flags(parser: argparse.ArgumentParser, sections=SECTIONS, top: bo
         group = parser.add_argument_group("run")
         for f in fields(Config):
             if f.name not in SECTIONS:
-                _add_field(group, None, f)
+                add_field(group, None, f)
     for section in sections:
         group = parser.add_argument_group(section)
         for f in fields(SECTION_CLASSES[section]):
             if (section, f.name) not in DERIVED:
-                _add_field(group, section, f)
+                add_field(group, section, f)
 
 
 def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:

@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..config import DataConfig
 from ..ensemble import FORMATS, STRATEGIES, Ensemble, load_members, run
-from .common import _add_field, run_cli
+from .common import add_field, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("data (as gwnet-train takes it)")
     for f in fields(DataConfig):
         if f.name in ("dataset", "data", "adj", "key"):
-            _add_field(group, "data", f)
+            add_field(group, "data", f)
     return parser
 
 

@@ -288,14 +288,20 @@ def autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
+def forecast(model: torch.nn.Module, x: torch.Tensor, scaler: StandardScaler, t: TrainConfig,
+             device: torch.device) -> torch.Tensor:
+    """``(B, horizon, N)`` forecast in real units, clamped to the physical range, on the CPU."""
+    with autocast(device, t.precision):
+        out = model(x.to(device))
+    return scaler.inverse_transform(out.float()).clamp(t.clamp_min, t.clamp_max).cpu()
+
+
 def predict_batches(model: torch.nn.Module, windows: Windows, scaler: StandardScaler, t: TrainConfig,
                     device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(prediction, target)`` per batch of a split, in real units, clamped to the physical range."""
+    """``(forecast, target)`` per batch of a split (see :func:`forecast`)."""
     model.eval()
     for x, y in windows.batches(t.batch_size, scaler=scaler):
-        with autocast(device, t.precision):
-            out = model(x.to(device))
-        yield scaler.inverse_transform(out.float()).clamp(t.clamp_min, t.clamp_max).cpu(), y
+        yield forecast(model, x, scaler, t, device), y
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
