@@ -226,6 +226,18 @@ def test_fast_and_dense_kernels_agree(name, layout):
     torch.testing.assert_close(fast.eval()(x), dense.eval()(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["fast", "dense"])
+def test_bfloat16_autocast_runs_both_kernels(kernel):
+    cfg = tiny(num_nodes=40, graph_conv=kernel)
+    model = build(cfg, supports=random_supports(40, 2, density=0.04))
+    x = inputs(cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().square().mean().backward()
+    assert out.dtype == torch.bfloat16
+    assert _rel(out.float(), model(x).detach()) < 0.05
+
+
 def test_supports_are_buffers_outside_the_state_dict():
     cfg = tiny()
     model = build(cfg)

@@ -36,6 +36,16 @@ def prepare_support(support: Tensor, kernel: str = "fast") -> Tensor:
     return dense.contiguous()
 
 
+def _propagate(support: Tensor, h: Tensor) -> Tensor:
+    """:math:`A^\\top h` for node-major ``h``: what every node receives from its sources."""
+    if support.layout == torch.strided:
+        return support.t() @ h
+    # A CSR support's transpose is a free CSC view. The sparse product has no bfloat16
+    # kernel on CPU, so it runs in the support's precision even under autocast.
+    with torch.autocast(h.device.type, enabled=False):
+        return support.t() @ h.to(support.dtype)
+
+
 class DiffusionGraphConv(nn.Module):
     r"""Diffusion convolution of Graph WaveNet (Wu et al. 2019, Eq. 7).
 
@@ -107,10 +117,8 @@ class DiffusionGraphConv(nn.Module):
         for support in supports:
             h = node_major
             for _ in range(self.order):
-                # A^T h sums over source nodes; a CSR support's transpose is a free CSC view.
-                h = support.t() @ h
-                # In place is safe: addmm does not keep its output for backward.
-                out = out.addmm_(h.view(-1, channels), next(blocks).t())
+                h = _propagate(support, h)
+                out = torch.addmm(out, h.view(-1, channels), next(blocks).t())
         return out.view(*x.shape[:-1], self.out_channels)
 
     def _dense(self, x: Tensor, supports: Sequence[Tensor]) -> Tensor:

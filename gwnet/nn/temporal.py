@@ -49,16 +49,13 @@ class GatedTemporalConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         steps = x.size(1) - (self.kernel_size - 1) * self.dilation
-        # One GEMM per tap on a time-shifted view, accumulated in place: cheaper than one
-        # wide GEMM over all taps whose outputs would be shifted and summed afterwards.
-        out = None
+        # One GEMM per tap on a time-shifted view, accumulated: cheaper than one wide GEMM
+        # over all taps whose outputs would then be shifted and summed.
+        out = self.bias
         for j in range(self.kernel_size):
             start = j * self.dilation
             shifted = x[:, start:start + steps].reshape(-1, self.in_channels)
-            if out is None:
-                out = torch.addmm(self.bias, shifted, self.weight[:, :, j].t())
-            else:
-                out = out.addmm_(shifted, self.weight[:, :, j].t())
+            out = torch.addmm(out, shifted, self.weight[:, :, j].t())
         filt, gate = out.view(x.size(0), steps, x.size(2), -1).chunk(2, dim=-1)
         return torch.tanh(filt) * torch.sigmoid(gate)
 
