@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from ..errors import file_error
+from ..errors import GWNetError, file_error
 
 STEP = pd.Timedelta(minutes=5)
 HDF5_EXTS = (".h5", ".hdf5", ".hdf")
@@ -102,11 +102,17 @@ def read_hdf5(path: str, key: str | None = None, dtype=np.float32) -> pd.DataFra
 def _read_table(path: str, ext: str) -> pd.DataFrame:
     try:
         if ext == ".csv":
+            # pandas renames a repeated header ("a", "a.1"); a repeated sensor id must be refused.
+            ids = pd.Index(pd.read_csv(path, nrows=1, header=None, dtype=str).iloc[0, 1:].str.strip())
+            if ids.has_duplicates:
+                raise file_error(path, f"duplicate sensor id {ids[ids.duplicated()][0]!r}")
             frame = pd.read_csv(path, index_col=0)
         else:
             frame = pd.read_parquet(path)
     except pd.errors.EmptyDataError:
         raise file_error(path, "file is empty") from None
+    except GWNetError:
+        raise
     except Exception as exc:
         raise file_error(path, f"cannot parse ({' '.join(str(exc).split())})") from None
     if not isinstance(frame.index, pd.DatetimeIndex):
