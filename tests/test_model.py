@@ -176,10 +176,8 @@ def test_reset_parameters_redraws_everything_but_svd_embeddings():
     model.reset_parameters()
     after = model.state_dict()
     same = {k for k in before if torch.equal(before[k], after[k])}
-    # SVD factors are not random; batch-norm scale/shift reset to 1/0 as they were built.
-    assert {k for k in same if not k.endswith(("norm.weight", "norm.bias", "norm.running_mean",
-                                               "norm.running_var", "num_batches_tracked"))} \
-        == {"adaptive.nodevec1", "adaptive.nodevec2"}
+    # Batch norms start from constants and SVD factors are deterministic; the rest is redrawn.
+    assert {k for k in same if ".norm." not in k} == {"adaptive.nodevec1", "adaptive.nodevec2"}
 
 
 def _fast_and_dense(cfg: GWNetConfig, supports) -> tuple[GWNet, GWNet]:

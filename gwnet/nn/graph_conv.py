@@ -40,10 +40,28 @@ def _propagate(support: Tensor, h: Tensor) -> Tensor:
     """:math:`A^\\top h` for node-major ``h``: what every node receives from its sources."""
     if support.layout == torch.strided:
         return support.t() @ h
-    # A CSR support's transpose is a free CSC view. The sparse product has no bfloat16
-    # kernel on CPU, so it runs in the support's precision even under autocast.
-    with torch.autocast(h.device.type, enabled=False):
-        return support.t() @ h.to(support.dtype)
+    return _SparsePropagate.apply(support, h)
+
+
+class _SparsePropagate(torch.autograd.Function):
+    """:math:`A^\\top h` and its gradient :math:`A g` as CSR products.
+
+    Both run on CSR matrices: the product with a CSC view (the free transpose of a CSR
+    matrix) is about 3x slower on CPU, and converting :math:`A^\\top` to CSR costs less than
+    a tenth of a millisecond on road graphs. MKL's sparse product has no bfloat16 kernel,
+    so it runs in the support's precision even under autocast.
+    """
+
+    @staticmethod
+    def forward(ctx, support: Tensor, h: Tensor) -> Tensor:
+        ctx.support, ctx.dtype = support, h.dtype
+        with torch.autocast(h.device.type, enabled=False):
+            return support.t().to_sparse_csr() @ h.to(support.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
+        with torch.autocast(grad.device.type, enabled=False):
+            return None, (ctx.support @ grad.to(ctx.support.dtype)).to(ctx.dtype)
 
 
 class DiffusionGraphConv(nn.Module):
