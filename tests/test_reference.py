@@ -233,14 +233,19 @@ def test_original_format_loads_and_matches(tmp_path, kernel):
         assert (ours(model, x) - expected).abs().max() < 1e-5
 
 
-def test_adjacency_given_as_a_matrix(tmp_path):
+def test_adjacency_given_as_a_matrix_or_a_dcrnn_pickle(tmp_path):
     _, model, _ = small_original()
     path = tmp_path / "wu.pth"
     torch.save(to_original_format(model), path)
-    loaded = load_reference_checkpoint(path, adj=small_adj())
+    graph = tmp_path / "adj_mx.pkl"
+    ids = [f"s{i}" for i in range(9)]
+    with open(graph, "wb") as fh:
+        pickle.dump([ids, {s: i for i, s in enumerate(ids)}, small_adj()], fh, protocol=2)
     x = torch.randn(2, 12, 9, 2)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+    for adj in (small_adj(), graph):
+        loaded = load_reference_checkpoint(path, adj=adj)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_order_is_inferred_from_the_supports_given(tmp_path):
