@@ -18,14 +18,18 @@ KERNELS = ("fast", "dense")
 SPARSE_DENSITY = 0.1
 
 
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise GWNetError(f"graph_conv={kernel!r} is not one of {', '.join(KERNELS)}")
+
+
 def prepare_support(support: Tensor, kernel: str = "fast") -> Tensor:
     """Put an :math:`N \\times N` support (dense or sparse) in the form ``kernel`` runs fastest.
 
     ``dense`` gets a strided tensor; ``fast`` gets a CSR tensor when the support is sparse
     enough to profit from it, else a strided one.
     """
-    if kernel not in KERNELS:
-        raise GWNetError(f"graph_conv={kernel!r} is not one of {', '.join(KERNELS)}")
+    _check_kernel(kernel)
     dense = support.to_dense() if support.layout != torch.strided else support
     dense = dense.to(torch.get_default_dtype())
     if kernel == "fast" and dense.count_nonzero() < SPARSE_DENSITY * dense.numel():
@@ -101,8 +105,7 @@ class DiffusionGraphConv(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_supports: int, order: int = 2,
                  dropout: float = 0.0, kernel: str = "fast") -> None:
         super().__init__()
-        if kernel not in KERNELS:
-            raise GWNetError(f"graph_conv={kernel!r} is not one of {', '.join(KERNELS)}")
+        _check_kernel(kernel)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.num_supports = num_supports
