@@ -50,19 +50,26 @@ def resolve_config(args: argparse.Namespace, argv: list[str]) -> tuple[Config, b
 @run_cli("gwnet-train")
 def main(argv: list[str] | None = None) -> int:
     from ..engine.trainer import Interrupted, train
+    from ..scale.world import distributed, is_main_process
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     cfg, resume = resolve_config(args, argv)
-    if not resume and cfg.data.dataset == "synthetic" and cfg.data.data is None:
-        print(f"gwnet-train: training on the embedded synthetic dataset "
-              f"({cfg.data.synth_nodes} sensors, {cfg.data.synth_days} days); "
-              f"pass --data/--adj or --dataset for real data", file=sys.stderr)
-    try:
-        result = train(cfg, resume=resume)
-    except Interrupted as exc:
-        print(f"gwnet-train: {exc}", file=sys.stderr)
-        return 130
+    # Under torchrun (--fsdp) every process trains; only rank 0 prints.
+    with distributed(cfg):
+        main_process = is_main_process()
+        if main_process and not resume and cfg.data.dataset == "synthetic" and cfg.data.data is None:
+            print(f"gwnet-train: training on the embedded synthetic dataset "
+                  f"({cfg.data.synth_nodes} sensors, {cfg.data.synth_days} days); "
+                  f"pass --data/--adj or --dataset for real data", file=sys.stderr)
+        try:
+            result = train(cfg, resume=resume)
+        except Interrupted as exc:
+            if main_process:
+                print(f"gwnet-train: {exc}", file=sys.stderr)
+            return 130
+    if not main_process:
+        return 0
     table = result.test_metrics.copy()
     table["mape"] = table["mape"] * 100
     print(f"\ntest metrics of the best epoch ({result.best_epoch}, validation MAE "

@@ -7,6 +7,10 @@ into ``RUN_DIR``. Researchers can pass their own ``model`` or ``loss_fn`` to the
 
 Resume is exact on CPU: ``last.pt`` holds the optimizer, scheduler, both random states and
 the early-stopping counters, and an interrupted epoch's batch order and position.
+
+With ``train.fsdp`` a Trainer is :class:`gwnet.scale.trainer.ShardedTrainer`, which fills in
+the hooks below (the rank's share of a batch, sums over processes, sharded state); here they
+are those of a single process.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from ..data.scaler import StandardScaler
 from ..data.windows import Windows
 from ..errors import GWNetError, file_error
 from ..nn import GWNet, load_for_more_horizons
+from ..scale.world import is_main_process
 from .checkpoint import RunDir, load_checkpoint, save_checkpoint
 from .metrics import MetricAccumulator, masked_mae
 
@@ -89,6 +94,17 @@ class _Progress:
 class Trainer:
     """Train ``cfg`` into ``cfg.out``; ``resume=True`` continues the run found there."""
 
+    # Processes that share each batch; only the first writes files and prints.
+    world_size = 1
+    is_main = True
+
+    def __new__(cls, cfg: Config, *args, **kwargs):
+        if cls is Trainer and cfg.train.fsdp:
+            from ..scale.trainer import ShardedTrainer
+
+            cls = ShardedTrainer
+        return super().__new__(cls)
+
     def __init__(self, cfg: Config, data: TrafficData | None = None, model: torch.nn.Module | None = None,
                  loss_fn: LossFn = masked_mae, resume: bool = False):
         cfg.validate()
@@ -96,16 +112,18 @@ class Trainer:
         self.data = data if data is not None else load_data(cfg.data)
         cfg.resolve(num_nodes=self.data.num_nodes)
         self.run = RunDir(cfg.out)
-        if not resume and self.run.holds_run():
-            raise file_error(self.run.root, "already holds a run; resume it with --resume or choose another --out")
-        self.run.check_writable()
-        self.run.remove_stale_temporaries()
+        if self.is_main:
+            if not resume and self.run.holds_run():
+                raise file_error(self.run.root, "already holds a run; resume it with --resume or choose another --out")
+            self.run.check_writable()
+            self.run.remove_stale_temporaries()
         self.device = resolve_device(cfg.train.device)
-        self.model = (model if model is not None else build_model(cfg, self.data)).to(self.device)
+        model = (model if model is not None else build_model(cfg, self.data)).to(self.device)
         # A run killed before its first checkpoint has nothing to restore: it starts over.
         resume = resume and self.run.last.exists()
         if cfg.train.init_from and not resume:
-            init_from_run(self.model, cfg, self.data, cfg.train.init_from)
+            init_from_run(model, cfg, self.data, cfg.train.init_from)
+        self.model = self._prepare_model(model)
         self.loss_fn = loss_fn
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.train.lr_decay)
@@ -114,24 +132,65 @@ class Trainer:
         self._stop_signal: int | None = None
         if resume:
             self._restore()
-        else:
+        elif self.is_main:
             cfg.save(self.run.config)
+
+    # --- hooks: one process here, several in gwnet.scale.trainer.ShardedTrainer -------------
+    def _prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model as training uses it (sharded over processes, or as it is)."""
+        return model
+
+    def _share(self, positions: torch.Tensor) -> torch.Tensor:
+        """This process's windows of a batch."""
+        return positions
+
+    def _global_loss(self, loss: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss of the whole batch, what this process back-propagates)``."""
+        return loss, loss
+
+    def _update_metrics(self, acc: MetricAccumulator, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch to ``acc``, whose sums cover the whole batch."""
+        acc.update(pred, target)
+
+    def _stop_requested(self) -> bool:
+        """Whether a signal asks to stop after this batch."""
+        return self._stop_signal is not None
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        """The whole model's state dict (on the main process)."""
+        return self.model.state_dict()
+
+    def _load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+    def _training_state(self) -> dict:
+        """What ``last.pt`` needs besides the model and the progress to resume exactly."""
+        return {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+
+    def _load_training_state(self, state: dict) -> None:
+        if "sharded" in state:
+            raise file_error(self.run.last, "was written by a sharded run; resume it under torchrun with --fsdp")
+        self._load_model_state(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
 
     # --- checkpoints ---------------------------------------------------------------------
     def _model_payload(self) -> dict:
         # The graph travels with the weights so a run predicts without its original files.
-        return {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
+        return {"config": self.cfg.to_dict(), "model": self._model_state(),
                 "scaler": self.data.scaler.to_dict(), "sensor_ids": self.data.sensor_ids,
                 "adjacency": torch.from_numpy(self.data.graph.adj)}
 
     def _save_last(self) -> None:
         p = self.progress
-        save_checkpoint(self.run.last, {
-            **self._model_payload(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-            "shuffle_rng": self.generator.get_state(), "epoch": p.epoch, "best_val_mae": p.best_val_mae,
-            "best_epoch": p.best_epoch, "bad_epochs": p.bad_epochs, "finished": p.finished,
-            "history": p.history, "partial": p.partial})
+        payload = {**self._model_payload(), **self._training_state(),
+                   "scheduler": self.scheduler.state_dict(), "shuffle_rng": self.generator.get_state(),
+                   "epoch": p.epoch, "best_val_mae": p.best_val_mae, "best_epoch": p.best_epoch,
+                   "bad_epochs": p.bad_epochs, "finished": p.finished, "history": p.history,
+                   "partial": p.partial}
+        if not self.is_main:
+            return
+        save_checkpoint(self.run.last, payload)
         with atomic_path(self.run.metrics) as tmp:
             pd.DataFrame(p.history).to_csv(tmp, index=False)
 
@@ -141,10 +200,8 @@ class Trainer:
             raise file_error(self.run.last, "was trained on other sensors than the data given")
         if state.get("finished"):
             raise file_error(self.run.root, "run already finished; nothing to resume")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_training_state(state)
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
         self.generator.set_state(state["shuffle_rng"])
         self.progress = _Progress(epoch=state["epoch"], best_val_mae=state["best_val_mae"],
                                   best_epoch=state["best_epoch"], bad_epochs=state["bad_epochs"],
@@ -182,7 +239,8 @@ class Trainer:
         else:
             order, start, sums = torch.randperm(len(windows), generator=self.generator), 0, None
             grads = [0.0, 0.0, 0]  # sum, max, count of gradient norms (before clipping)
-        batches = list(order.split(t.batch_size))
+        # A last batch too small to give every process a window is left out.
+        batches = [b for b in order.split(t.batch_size) if len(b) >= self.world_size]
         if t.batches_per_epoch is not None:
             batches = batches[: t.batches_per_epoch]
         acc = MetricAccumulator(self.cfg.data.horizon, t.null_value)
@@ -190,16 +248,16 @@ class Trainer:
             acc.sums = sums
         self.model.train()
         bar = tqdm(total=len(batches), initial=start, desc=f"epoch {epoch}/{t.epochs}", unit="batch",
-                   leave=False, disable=not t.progress, dynamic_ncols=True)
+                   leave=False, disable=not (t.progress and self.is_main), dynamic_ncols=True)
         for b in range(start, len(batches)):
-            x, y = windows.batch(batches[b])
+            x, y = windows.batch(self._share(batches[b]))
             y = y.to(self.device)
             pred = self._forward(x)
-            loss = self.loss_fn(pred, y, t.null_value)
+            loss, objective = self._global_loss(self.loss_fn(pred, y, t.null_value), y)
             self.optimizer.zero_grad(set_to_none=True)
             grad_norm = torch.tensor(float("nan"))
             if torch.isfinite(loss):
-                loss.backward()
+                objective.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                            t.clip if t.clip is not None else math.inf)
             if not torch.isfinite(grad_norm):
@@ -211,13 +269,13 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             else:
                 self.optimizer.step()
-                acc.update(pred, y)
+                self._update_metrics(acc, pred, y)
                 grads[0] += float(grad_norm)
                 grads[1] = max(grads[1], float(grad_norm))
                 grads[2] += 1
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             bar.update()
-            if self._stop_signal is not None:
+            if self._stop_requested():
                 p.partial = {"order": order, "next_batch": b + 1, "sums": acc.sums, "grads": grads}
                 p.epoch = epoch - 1
                 bar.close()
@@ -241,7 +299,7 @@ class Trainer:
         with self._catch_signals():
             for epoch in range(p.epoch + 1, t.epochs + 1):
                 started = time.perf_counter()
-                lr = self.optimizer.param_groups[0]["lr"]
+                lr = float(self.optimizer.param_groups[0]["lr"])  # a tensor in torchao's optimizers
                 train = self._train_epoch(epoch)
                 val = self.evaluate("val").overall()
                 self.scheduler.step()
@@ -249,8 +307,9 @@ class Trainer:
                 improved = val["mae"] < p.best_val_mae
                 if improved:
                     p.best_val_mae, p.best_epoch, p.bad_epochs = val["mae"], epoch, 0
-                    save_checkpoint(self.run.best, {**self._model_payload(), "epoch": epoch,
-                                                    "val_mae": val["mae"]})
+                    best = {**self._model_payload(), "epoch": epoch, "val_mae": val["mae"]}
+                    if self.is_main:
+                        save_checkpoint(self.run.best, best)
                 else:
                     p.bad_epochs += 1
                 seconds = time.perf_counter() - started
@@ -259,7 +318,7 @@ class Trainer:
                                   **{f"val_{k}": v for k, v in val.items()}, "lr": lr, "seconds": seconds})
                 p.finished = p.bad_epochs >= t.patience or epoch == t.epochs
                 self._save_last()
-                if t.progress:
+                if t.progress and self.is_main:
                     tqdm.write(f"epoch {epoch:3d}/{t.epochs}  train mae {train['mae']:.4f}  "
                                f"val mae {val['mae']:.4f}  lr {lr:.2e}  {seconds:.1f}s"
                                + ("  *" if improved else ""))
@@ -272,10 +331,11 @@ class Trainer:
 
     def _finish(self) -> RunResult:
         best = load_checkpoint(self.run.best, map_location=self.device)
-        self.model.load_state_dict(best["model"])
+        self._load_model_state(best["model"])
         table = self.evaluate("test").table()
-        with atomic_path(self.run.test_metrics) as tmp:
-            table.to_csv(tmp)
+        if self.is_main:
+            with atomic_path(self.run.test_metrics) as tmp:
+                table.to_csv(tmp)
         return RunResult(self.run.root, self.progress.best_epoch, self.progress.best_val_mae, table,
                          pd.DataFrame(self.progress.history))
 
@@ -367,10 +427,11 @@ def train(cfg: Config, data: TrafficData | None = None, resume: bool = False, **
     pre.out = str(Path(cfg.out) / f"pretrain-h{k}")
     pre.data.horizon = k
     pre.train.pretrain_horizon = None
-    if not resume and RunDir(cfg.out).holds_run():
-        raise file_error(cfg.out, "already holds a run; resume it with --resume or choose another --out")
-    RunDir(cfg.out).check_writable()
-    cfg.save(RunDir(cfg.out).root / "pipeline.json")
+    if is_main_process():
+        if not resume and RunDir(cfg.out).holds_run():
+            raise file_error(cfg.out, "already holds a run; resume it with --resume or choose another --out")
+        RunDir(cfg.out).check_writable()
+        cfg.save(RunDir(cfg.out).root / "pipeline.json")
     _run_stage(pre, None if data is None else _with_horizon(data, k), **kw)
     fine = copy.deepcopy(cfg)
     fine.train.init_from = pre.out
