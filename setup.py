@@ -26,7 +26,10 @@ setup(
     ],
     extras_require={
         "parquet": ["pyarrow>=12"],
-        "test": ["pytest>=7", "pyarrow>=12"],
+        # 8-bit AdamW (--optimizer adamw8bit); FSDP itself is part of torch. torchao releases
+        # follow torch's: 0.18 is the one for torch 2.13.
+        "scale": ["torchao>=0.18,<0.19"],
+        "test": ["pytest>=7", "pyarrow>=12", "torchao>=0.18,<0.19"],
     },
     entry_points={
         "console_scripts": [
