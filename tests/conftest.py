@@ -46,3 +46,15 @@ def tiny_dataset(tmp_path) -> Path:
     with open(tmp_path / "adj_mx.pkl", "wb") as fh:
         pickle.dump([ids, {s: i for i, s in enumerate(ids)}, make_adj(len(ids))], fh, protocol=2)
     return tmp_path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP barriers can
+    stall a millisecond forward pass for seconds."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

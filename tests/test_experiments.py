@@ -43,16 +43,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy machine OpenMP barriers can
-    # stall a millisecond forward pass for seconds.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def table(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("paper_table")

@@ -13,17 +13,6 @@ from gwnet.nn import (AdaptiveAdjacency, DiffusionGraphConv, GatedTemporalConv, 
                       load_for_more_horizons, prepare_support)
 
 
-pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy machine OpenMP barriers can
-    # stall a millisecond forward pass for seconds.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(**kw) -> GWNetConfig:

@@ -23,18 +23,6 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 CHECKPOINT = SHARED / "reference" / "metr-la-improved-gwnet.pth"
 METR_LA = SHARED / "data" / "sensor_graph" / "adj_mx.pkl"
 
-pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta",
-                                        "ignore:Sparse invariant checks are implicitly disabled")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small batches gain little from threads, and on a busy machine OpenMP barriers can
-    # stall a forward pass for seconds.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
