@@ -12,7 +12,6 @@ from types import ModuleType, SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from gwnet.data import synthetic
 from gwnet.errors import GWNetError
