@@ -59,8 +59,7 @@ from gwnet.data import load_data
 from gwnet.data.readers import STEP
 from gwnet.engine import MetricAccumulator, RunDir, train
 from gwnet.engine.baselines import evaluate_baseline
-# _stage_done is the trainer's own test for a finished run directory (its resume relies on it).
-from gwnet.engine.trainer import Interrupted, _stage_done, resolve_device
+from gwnet.engine.trainer import Interrupted, resolve_device, run_finished
 from gwnet.ensemble import Ensemble, load_members, plot_mae_by_horizon
 from gwnet.errors import GWNetError, file_error
 
@@ -197,7 +196,7 @@ def train_row(cfg: Config) -> pd.DataFrame:
     (or resumed where an earlier invocation stopped)."""
     check_same_run(cfg)
     root = Path(cfg.out)
-    if _stage_done(root):
+    if run_finished(root):
         log.info("%s: complete, skipped", root)
         return pd.read_csv(RunDir(root).test_metrics, index_col=0)
     resuming = RunDir(root).last.exists() or (root / "pipeline.json").exists()

@@ -195,7 +195,8 @@ class Config:
             self.out = f"runs/{self.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.model.in_dim = self.data.in_dim
         self.model.out_dim = self.data.horizon
-        self.model.num_supports = 0 if self.model.aptonly else self.data.num_supports
+        # aptonly still receives the fixed supports: the SVD initialisation reads the first.
+        self.model.num_supports = self.data.num_supports
         if num_nodes is not None:
             self.model.num_nodes = num_nodes
         return self

@@ -198,6 +198,31 @@ def test_early_stopping(finished_run, tmp_path, monkeypatch):
     assert result.best_epoch == 2 and len(result.history) == 4
 
 
+def test_adaptive_only_with_svd_initialisation(finished_run, tmp_path):
+    root, _, _ = finished_run
+    cfg = tiny_config(root / "data", tmp_path / "apt", epochs=1, batches_per_epoch=2)
+    cfg.model.aptonly, cfg.model.randomadj = True, False
+    trainer = Trainer(cfg)
+    assert trainer.model.num_fixed == 0 and trainer.model.adaptive is not None
+    trainer.fit()
+    model, *_ = load_trained(tmp_path / "apt")
+    assert model.num_fixed == 0
+
+
+def test_killed_between_last_epoch_and_test_metrics_resumes_to_finish(finished_run, tmp_path):
+    import shutil
+
+    root, cfg, result = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(result.run_dir, copy)
+    (copy / "test_metrics.csv").unlink()
+    cfg2 = Config.from_dict(json.loads((copy / "config.json").read_text()))
+    cfg2.out = str(copy)
+    resumed = train(cfg2, resume=True)
+    pd.testing.assert_frame_equal(resumed.test_metrics, result.test_metrics)
+    assert len(resumed.history) == len(result.history)
+
+
 def test_nan_loss_stops_with_clear_message(finished_run, tmp_path):
     root, _, _ = finished_run
     cfg = tiny_config(root / "data", tmp_path / "nan", epochs=1)

@@ -63,7 +63,7 @@ def resolve_device(name: str) -> torch.device:
 def build_model(cfg: Config, data: TrafficData) -> GWNet:
     """A fresh GWNet for ``data``'s graph, seeded by ``cfg.train.seed``."""
     torch.manual_seed(cfg.train.seed)
-    supports = [] if cfg.model.aptonly else to_torch(data.supports(), dense=cfg.model.graph_conv == "dense")
+    supports = to_torch(data.supports(), dense=cfg.model.graph_conv == "dense")
     return GWNet(cfg.model, supports)
 
 
@@ -198,14 +198,15 @@ class Trainer:
         state = load_checkpoint(self.run.last, map_location="cpu")
         if state["sensor_ids"] != self.data.sensor_ids:
             raise file_error(self.run.last, "was trained on other sensors than the data given")
-        if state.get("finished"):
+        if state.get("finished") and self.run.test_metrics.exists():
             raise file_error(self.run.root, "run already finished; nothing to resume")
         self._load_training_state(state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["shuffle_rng"])
         self.progress = _Progress(epoch=state["epoch"], best_val_mae=state["best_val_mae"],
                                   best_epoch=state["best_epoch"], bad_epochs=state["bad_epochs"],
-                                  history=list(state["history"]), partial=state["partial"])
+                                  history=list(state["history"]), partial=state["partial"],
+                                  finished=bool(state.get("finished")))
 
     # --- the loop ------------------------------------------------------------------------
     @contextmanager
@@ -248,7 +249,9 @@ class Trainer:
             acc.sums = sums
         self.model.train()
         bar = tqdm(total=len(batches), initial=start, desc=f"epoch {epoch}/{t.epochs}", unit="batch",
-                   leave=False, disable=not (t.progress and self.is_main), dynamic_ncols=True)
+                   leave=False, dynamic_ncols=True,
+                   # None: a bar on terminals only, so logs keep just the per-epoch lines.
+                   disable=None if t.progress and self.is_main else True)
         for b in range(start, len(batches)):
             x, y = windows.batch(self._share(batches[b]))
             y = y.to(self.device)
@@ -296,8 +299,10 @@ class Trainer:
 
     def fit(self) -> RunResult:
         t, p = self.cfg.train, self.progress
+        # A run killed after its last epoch but before its test metrics only needs _finish().
+        epochs = range(p.epoch + 1, t.epochs + 1) if not p.finished else range(0)
         with self._catch_signals():
-            for epoch in range(p.epoch + 1, t.epochs + 1):
+            for epoch in epochs:
                 started = time.perf_counter()
                 lr = float(self.optimizer.param_groups[0]["lr"])  # a tensor in torchao's optimizers
                 train = self._train_epoch(epoch)
@@ -393,7 +398,8 @@ def init_from_run(model: torch.nn.Module, cfg: Config, data: TrafficData, run_di
     load_for_more_horizons(model, state["model"])
 
 
-def _stage_done(run_dir: Path) -> bool:
+def run_finished(run_dir: str | Path) -> bool:
+    """Whether a run directory holds a finished run with its test metrics."""
     rd = RunDir(run_dir)
     if not rd.last.exists():
         return False
@@ -403,7 +409,7 @@ def _stage_done(run_dir: Path) -> bool:
 def _run_stage(cfg: Config, data: TrafficData | None, **kw) -> RunResult:
     """Run, resume or (when complete) reload one stage."""
     rd = RunDir(cfg.out)
-    if _stage_done(rd.root):
+    if run_finished(rd.root):
         state = load_checkpoint(rd.last)
         return RunResult(rd.root, state["best_epoch"], state["best_val_mae"],
                          pd.read_csv(rd.test_metrics, index_col=0), pd.DataFrame(state["history"]))
@@ -421,7 +427,7 @@ def train(cfg: Config, data: TrafficData | None = None, resume: bool = False, **
     if k is None:
         return Trainer(cfg, data, resume=resume, **kw).fit()
     cfg.validate().resolve()
-    if resume and _stage_done(Path(cfg.out)):
+    if resume and run_finished(Path(cfg.out)):
         raise file_error(cfg.out, "run already finished; nothing to resume")
     pre = copy.deepcopy(cfg)
     pre.out = str(Path(cfg.out) / f"pretrain-h{k}")
@@ -472,10 +478,8 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu",
     cfg = Config.from_dict(state["config"], source=str(rd.root))
     scaler = StandardScaler(**state["scaler"])
     sensor_ids = list(state["sensor_ids"])
-    supports = []
-    if not cfg.model.aptonly:
-        supports = to_torch(build_supports(state["adjacency"].numpy(), cfg.data.adjtype),
-                            dense=cfg.model.graph_conv == "dense")
+    supports = to_torch(build_supports(state["adjacency"].numpy(), cfg.data.adjtype),
+                        dense=cfg.model.graph_conv == "dense")
     model = GWNet(cfg.model, supports)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg, scaler, sensor_ids
