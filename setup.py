@@ -14,7 +14,6 @@ setup(
     packages=find_packages(include=["gwnet", "gwnet.*"]),
     install_requires=[
         "torch>=2.2",
-        "torch-geometric>=2.4",
         "numpy>=1.24",
         "pandas>=2.0",
         "scipy>=1.10",
