@@ -68,6 +68,89 @@ class _SparsePropagate(torch.autograd.Function):
             return None, (ctx.support @ grad.to(ctx.support.dtype)).to(ctx.dtype)
 
 
+def _transposed(support: Tensor) -> Tensor:
+    """:math:`A^\\top` in the form the forward product runs fastest (a CSR copy for CSR)."""
+    if support.layout == torch.strided:
+        return support.t()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        return support.t().to_sparse_csr()
+
+
+class _HornerGraphConv(torch.autograd.Function):
+    r"""The ``fast`` kernel: project first, then propagate by Horner's scheme.
+
+    Propagation is linear over nodes and the projection linear over channels, so
+    :math:`\mathbf{W}_k (\mathbf{A}^{\top})^k \mathbf{X} = (\mathbf{A}^{\top})^k
+    \mathbf{X}\mathbf{W}_k^\top` and, per support,
+    :math:`\sum_{k=1}^K (\mathbf{A}^{\top})^k \mathbf{Y}_k = \mathbf{A}^{\top}(\mathbf{Y}_1
+    + \mathbf{A}^{\top}(\mathbf{Y}_2 + \dots))` with :math:`\mathbf{Y}_k = \mathbf{X}
+    \mathbf{W}_k^\top`: the same number of propagations (on :math:`C_{out}`-wide blocks), no
+    concatenation, and every sum accumulated in place into one buffer. The backward pass is
+    written out for the same reason: :math:`\partial \mathbf{Y}_k = \mathbf{A}^k \mathbf{G}`
+    one propagation after the other, :math:`\partial \mathbf{X}` accumulated in place, and
+    for supports that need a gradient (the adaptive one) :math:`\partial \mathbf{A} =
+    \sum_k \mathbf{Z}_k (\mathbf{A}^{k-1}\mathbf{G})^\top` from the saved Horner partial
+    sums :math:`\mathbf{Z}_k`. ``x2`` is the ``(N L B, C_{in})`` node-major input.
+    """
+
+    @staticmethod
+    def forward(ctx, x2: Tensor, weight: Tensor, bias: Tensor, order: int, nodes: int,
+                *supports: Tensor) -> Tensor:
+        cin = x2.size(1)
+        blocks = weight.split(cin, dim=1)
+        out = torch.addmm(bias, x2, blocks[0].t())
+        acc = out.view(nodes, -1)
+        saved: list[Tensor] = []
+        for s, support in enumerate(supports):
+            at = _transposed(support)
+            first = 1 + s * order
+            z = x2 @ blocks[first + order - 1].t()
+            partial = [z]
+            for k in range(order - 2, -1, -1):
+                z = (at @ z.view(nodes, -1)).view(-1, z.size(1))
+                z.addmm_(x2, blocks[first + k].t())
+                partial.append(z)
+            acc.addmm_(at, z.view(nodes, -1))
+            if ctx.needs_input_grad[5 + s]:
+                saved.extend(partial[::-1])  # Z_1 .. Z_K
+        ctx.order, ctx.nodes = order, nodes
+        ctx.grads = [ctx.needs_input_grad[5 + s] for s in range(len(supports))]
+        ctx.save_for_backward(x2, weight, *supports, *saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x2, weight, *rest = ctx.saved_tensors
+        order, nodes = ctx.order, ctx.nodes
+        supports, saved = rest[:len(ctx.grads)], iter(rest[len(ctx.grads):])
+        cin = x2.size(1)
+        grad = grad.contiguous()
+        blocks = weight.split(cin, dim=1)
+        want_x, want_w, want_b = ctx.needs_input_grad[:3]
+        dx = grad @ blocks[0] if want_x else None
+        dw = torch.empty_like(weight) if want_w else None
+        if want_w:
+            torch.mm(grad.t(), x2, out=dw[:, :cin])
+        dsupports = []
+        for s, support in enumerate(supports):
+            partial = [next(saved) for _ in range(order)] if ctx.grads[s] else None
+            dsupport = torch.zeros_like(support) if ctx.grads[s] else None
+            d = grad
+            for k in range(order):
+                if dsupport is not None:
+                    dsupport.addmm_(partial[k].view(nodes, -1), d.view(nodes, -1).t())
+                d = (support @ d.view(nodes, -1)).view(-1, d.size(1))
+                j = 1 + s * order + k
+                if want_x:
+                    dx.addmm_(d, blocks[j])
+                if want_w:
+                    dw[:, j * cin:(j + 1) * cin] = d.t() @ x2
+            dsupports.append(dsupport)
+        db = grad.sum(0) if want_b else None
+        return (dx, dw, db, None, None, *dsupports)
+
+
 class DiffusionGraphConv(nn.Module):
     r"""Diffusion convolution of Graph WaveNet (Wu et al. 2019, Eq. 7).
 
@@ -131,6 +214,14 @@ class DiffusionGraphConv(nn.Module):
         return F.dropout(out, self.dropout, self.training)
 
     def _fast(self, x: Tensor, supports: Sequence[Tensor]) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            # Mixed precision: per-op autocast rules, block by block.
+            return self._fast_blocks(x, supports)
+        x2 = x.reshape(-1, self.in_channels)
+        out = _HornerGraphConv.apply(x2, self.weight, self.bias, self.order, x.size(0), *supports)
+        return out.view(*x.shape[:-1], self.out_channels)
+
+    def _fast_blocks(self, x: Tensor, supports: Sequence[Tensor]) -> Tensor:
         nodes, channels = x.size(0), self.in_channels
         blocks = iter(self.weight.split(channels, dim=1))
         out = torch.addmm(self.bias, x.reshape(-1, channels), next(blocks).t())
