@@ -30,8 +30,19 @@ def prepare_support(support: Tensor, kernel: str = "fast") -> Tensor:
     enough to profit from it, else a strided one.
     """
     _check_kernel(kernel)
-    dense = support.to_dense() if support.layout != torch.strided else support
-    dense = dense.to(torch.get_default_dtype())
+    dtype = torch.get_default_dtype()
+    if support.layout != torch.strided:
+        # Sparse input stays sparse (O(edges) memory) unless the dense kernel needs it dense
+        # or it is too full to profit from CSR.
+        if support.layout == torch.sparse_coo:
+            support = support.coalesce()
+        nnz = support._nnz()
+        if kernel == "fast" and nnz < SPARSE_DENSITY * support.numel():
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+                return support.to_sparse_csr().to(dtype)
+        support = support.to_dense()
+    dense = support.to(dtype)
     if kernel == "fast" and dense.count_nonzero() < SPARSE_DENSITY * dense.numel():
         with warnings.catch_warnings():
             # torch calls all of CSR "beta"; the one product used here is covered by tests.
