@@ -1,0 +1,101 @@
+"""The benchmark's reference-structured baseline computes exactly what GWNet does.
+
+``experiments/reference_gwnet.py`` is the dense, reference-structured model the speed-ups in
+``experiments/benchmark.py`` are measured against; here only numerical equality is checked
+(outputs and gradients, both graph-conv kernels, shared weights), never speed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from gwnet.config import GWNetConfig
+from gwnet.nn import GWNet, prepare_support
+
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta",
+                                        "ignore:Sparse invariant checks are implicitly disabled")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+reference_gwnet = _load("reference_gwnet")
+NODES = 25
+
+
+def _graph(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    adj = (torch.rand(NODES, NODES, generator=g) < 0.15).float() * torch.rand(NODES, NODES, generator=g)
+    adj.fill_diagonal_(1.0)
+    return [adj / adj.sum(1, keepdim=True), adj.t() / adj.t().sum(1, keepdim=True)]
+
+
+def _assert_grads_close(model: GWNet, expected: dict[str, torch.Tensor]) -> None:
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert grads.keys() == expected.keys()
+    # Relative to the largest gradient: a bias followed by batch norm has a zero gradient
+    # up to rounding, which no relative tolerance of its own can compare.
+    scale = max(g.abs().max() for g in expected.values())
+    for name, g in grads.items():
+        torch.testing.assert_close(g, expected[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("kernel", ["fast", "dense"])
+@pytest.mark.parametrize("change", [{}, dict(cat_feat_gc=False), dict(order=3),
+                                    dict(addaptadj=False)], ids=["improved", "original-layout",
+                                                                 "order-3", "fixed-only"])
+def test_reference_baseline_matches_gwnet(kernel, change):
+    torch.manual_seed(0)
+    cfg = GWNetConfig.improved(num_nodes=NODES, dropout=0.0, graph_conv=kernel, **change)
+    model = GWNet(cfg, _graph())
+    ref = reference_gwnet.ReferenceGWNet.from_gwnet(model)
+    x = torch.randn(3, 12, NODES, cfg.in_dim)
+
+    out, expected = model(x), ref(x)  # training mode: batch statistics
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    (out.square().sum()).backward()
+    (expected.square().sum()).backward()
+    _assert_grads_close(model, ref.gwnet_grads(model))
+
+    # Batch norm running statistics were updated alike; eval mode agrees too.
+    ref.load_gwnet(model)
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_supports_are_never_densified():
+    n = 50_000  # dense, one support would take 10 GB
+    idx = torch.stack([torch.arange(n), (torch.arange(n) + 1) % n])
+    coo = torch.sparse_coo_tensor(idx, torch.ones(n), (n, n))
+    for given in (coo, coo.to_sparse_csr()):
+        support = prepare_support(given, "fast")
+        assert support.layout == torch.sparse_csr and support._nnz() == n
+
+
+def test_horner_kernel_matches_block_by_block_products():
+    """The fast kernel's written-out backward, against autograd through the plain products."""
+    torch.manual_seed(1)
+    cfg = GWNetConfig.improved(num_nodes=NODES, dropout=0.0)
+    model = GWNet(cfg, _graph())
+    conv = model.layers[0].graph_conv
+    supports = model.supports()
+    x = torch.randn(NODES, 9, 4, conv.in_channels, requires_grad=True)
+    weights = [x, conv.weight, conv.bias, model.adaptive.nodevec1]
+    out = conv._fast(x, supports)
+    got = torch.autograd.grad(out.square().sum(), weights)
+    out_b = conv._fast_blocks(x, supports)
+    torch.testing.assert_close(out, out_b, rtol=1e-5, atol=1e-5)
+    expected = torch.autograd.grad(out_b.square().sum(), weights)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
