@@ -93,6 +93,7 @@ def run_cli(prog: str) -> Callable[[Callable[..., int | None]], Callable[..., in
     def wrap(main: Callable[..., int | None]) -> Callable[..., int]:
         @functools.wraps(main)
         def wrapper(argv: list[str] | None = None) -> int:
+            default_format = warnings.formatwarning
             warnings.formatwarning = lambda msg, cat, *a, **k: f"{prog}: warning: {msg}\n"
             try:
                 return int(main(argv) or 0)
@@ -102,6 +103,8 @@ def run_cli(prog: str) -> Callable[[Callable[..., int | None]], Callable[..., in
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted", file=sys.stderr)
                 return 130
+            finally:
+                warnings.formatwarning = default_format
 
         return wrapper
 
