@@ -88,6 +88,17 @@ def _transposed(support: Tensor) -> Tensor:
         return support.t().to_sparse_csr()
 
 
+def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout with a mask from ``rand_like`` (multi-threaded on CPU), about half
+    the cost of ``F.dropout``'s single-threaded ``bernoulli_``; same distribution."""
+    if not training or p == 0.0:
+        return x
+    if p >= 1.0:
+        return x * 0.0
+    keep = torch.rand_like(x) >= p
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+
+
 class _HornerGraphConv(torch.autograd.Function):
     r"""The ``fast`` kernel: project first, then propagate by Horner's scheme.
 
@@ -222,7 +233,7 @@ class DiffusionGraphConv(nn.Module):
                              f"got {len(supports)}")
         out = self._fast(x, supports) if self.kernel == "fast" else self._dense(x, supports)
         # Dropout in the shared layout, so both kernels draw the same mask from one seed.
-        return F.dropout(out, self.dropout, self.training)
+        return _dropout(out, self.dropout, self.training)
 
     def _fast(self, x: Tensor, supports: Sequence[Tensor]) -> Tensor:
         if torch.is_autocast_enabled(x.device.type):
