@@ -1,0 +1,332 @@
+"""Speed of Graph WaveNet against a straightforward dense implementation of the same math.
+
+Three models with the same weights on the same inputs (improved preset, METR-LA graph from
+``../shared`` or a synthetic road-like graph of 207 sensors, batch 64, 12 steps, fp32):
+
+* ``fast``: :class:`gwnet.nn.GWNet` as shipped (sparse CSR fixed supports, Horner graph conv);
+* ``dense``: the same model with ``graph_conv="dense"`` (only the graph conv differs);
+* ``reference``: ``experiments/reference_gwnet.py``, the reference's structure (Conv2d in
+  NCHW, an einsum per support and power, concatenation, skip convs on the full length).
+
+It checks that outputs and gradients agree (1e-4 relative), times a training step (forward,
+backward, Adam) and inference, measures the data path (peak memory and batch assembly over
+one epoch of a METR-LA-sized series, in a fresh process) and prints a scaling table of step
+time against nodes and batch size on sparse random road-like graphs (~8 neighbours per node).
+With ``--device cuda`` the timings run in bf16 autocast and report achieved TFLOP/s.
+
+    python experiments/benchmark.py [--device cpu|cuda] [--threads 2] [--quick] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import pickle
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_gwnet import ReferenceGWNet  # noqa: E402
+
+from gwnet.config import GWNetConfig  # noqa: E402
+from gwnet.data.supports import build_supports, to_torch  # noqa: E402
+from gwnet.nn import GWNet  # noqa: E402
+
+warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", "Sparse invariant checks are implicitly disabled")
+METR_LA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sensor_graph" / "adj_mx.pkl"
+
+
+def road_graph(nodes: int, neighbours: int = 8, seed: int = 0) -> sp.csr_matrix:
+    """Sparse random road-like graph: sensors along a ring of roads, each linked to its
+    ``neighbours`` nearest along the road, plus a few random junctions; O(edges) to build."""
+    rng = np.random.default_rng(seed)
+    src = np.repeat(np.arange(nodes), neighbours)
+    offsets = np.tile(np.r_[-(neighbours // 2):0, 1:neighbours // 2 + 1], nodes)
+    dst = (src + offsets) % nodes
+    junctions = rng.integers(0, nodes, size=(2, max(1, nodes // 20)))
+    src, dst = np.r_[src, junctions[0]], np.r_[dst, junctions[1]]
+    weights = np.exp(-rng.uniform(0.1, 2.0, size=src.size))
+    return sp.csr_matrix((weights, (src, dst)), shape=(nodes, nodes))
+
+
+def metr_la_graph():
+    if METR_LA.is_file():
+        with open(METR_LA, "rb") as fh:
+            return pickle.load(fh, encoding="latin1")[2], "METR-LA"
+    return road_graph(207), "synthetic road graph (METR-LA not found)"
+
+
+def build(adj, device, batch, dropout=0.3, **change):
+    torch.manual_seed(0)
+    supports = to_torch(build_supports(adj))
+    cfg = GWNetConfig.improved(num_nodes=adj.shape[0], dropout=dropout, **change)
+    return GWNet(cfg, supports).to(device), supports
+
+
+def inputs(cfg, batch, device, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 12, cfg.num_nodes, cfg.in_dim, generator=g)
+    y = torch.randn(batch, cfg.out_dim, cfg.num_nodes, generator=g)
+    return x.to(device), y.to(device)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_steps(model, x, y, device, bf16):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ctx = (lambda: torch.autocast(device, torch.bfloat16)) if bf16 else (lambda: torch.autocast(device, enabled=False))
+
+    def train():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        with ctx():
+            loss = torch.nn.functional.l1_loss(model(x).float(), y)
+        loss.backward()
+        opt.step()
+
+    def infer():
+        model.eval()
+        with torch.no_grad(), ctx():
+            model(x)
+    return train, infer
+
+
+def timed(fns: dict, repeats: int, device: str) -> dict[str, float]:
+    """Median seconds per call, the models interleaved so that load noise hits all alike."""
+    for fn in fns.values():  # warm-up
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).detach())
+
+
+def check_equal(adj, device):
+    """Largest relative differences of fast and dense against the reference (no dropout)."""
+    fast, _ = build(adj, device, 0, dropout=0.0)
+    dense, _ = build(adj, device, 0, dropout=0.0, graph_conv="dense")
+    dense.load_state_dict(fast.state_dict())
+    ref = ReferenceGWNet.from_gwnet(fast)
+    x, _ = inputs(fast.config, 8, device)
+    out = {}
+    expected = ref(x)
+    expected.square().mean().backward()
+    ref_grads = ref.gwnet_grads(fast)
+    scale = max(float(g.abs().max()) for g in ref_grads.values())
+    for name, model in (("fast", fast), ("dense", dense)):
+        y = model(x)
+        y.square().mean().backward()
+        grad = max(float((p.grad - ref_grads[n]).abs().max()) for n, p in model.named_parameters()) / scale
+        model.eval(), ref.eval()
+        with torch.no_grad():
+            ev = max_rel(model(x), ref(x))
+        ref.train()
+        out[name] = dict(train_out=max_rel(y, expected), grad=grad, eval_out=ev)
+    return out
+
+
+def flops_of(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def headline(adj, args, device, bf16):
+    fast, _ = build(adj, device, args.batch)
+    dense, _ = build(adj, device, args.batch, graph_conv="dense")
+    dense.load_state_dict(fast.state_dict())
+    ref = ReferenceGWNet.from_gwnet(fast).to(device)
+    x, y = inputs(fast.config, args.batch, device)
+    steps = {name: make_steps(m, x, y, device, bf16) for name, m in
+             (("fast", fast), ("dense", dense), ("reference", ref))}
+    rows = []
+    for kind, index in (("train step", 0), ("inference", 1)):
+        fns = {name: s[index] for name, s in steps.items()}
+        t = timed(fns, args.repeats, device)
+        flops = {name: flops_of(fn) for name, fn in fns.items()} if device == "cuda" else {}
+        for name in fns:
+            row = dict(measure=kind, model=name, seconds=t[name], samples_s=args.batch / t[name],
+                       vs_reference=t["reference"] / t[name], vs_dense=t["dense"] / t[name])
+            if flops:
+                row["counted_tflop"] = flops[name] / 1e12
+                row["tflop_s"] = flops[name] / t[name] / 1e12
+                # the reference's dense FLOPs per second of this model: comparable across models
+                row["ref_equiv_tflop_s"] = flops["reference"] / t[name] / 1e12
+            rows.append(row)
+    return rows
+
+
+DATA_PATH = r"""
+import json, sys, time
+import pandas as pd
+import torch
+from gwnet.config import DataConfig, GWNetConfig
+from gwnet.data import synthetic
+from gwnet.data.windows import build_series, make_splits
+from gwnet.nn import GWNet
+
+
+def rss_mb(field):
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) for l in fh if l.startswith(field + ":")) / 1024
+
+
+torch.set_num_threads(int(sys.argv[1]))
+data = synthetic.generate(nodes=207, days=int(sys.argv[2]))
+speeds, index = data.speeds.astype("float32"), data.speeds.index
+del data
+cfg = DataConfig()
+series = build_series(speeds, cfg)
+raw_mb = speeds.to_numpy().nbytes / 2**20
+del speeds
+model = GWNet(GWNetConfig.improved(num_nodes=207, num_supports=0))
+model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+windows, scaler = make_splits(series, index, cfg)
+# Peak from here on: the series and the model are resident, the generator's frames freed.
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+base = rss_mb("VmRSS")
+start = time.perf_counter()
+n = 0
+for x, y in windows["train"].batches(64, shuffle=True, generator=torch.Generator().manual_seed(0)):
+    n += 1
+elapsed = time.perf_counter() - start
+print(json.dumps(dict(steps=len(series), raw_series_mb=raw_mb, series_with_features_mb=series.nbytes / 2**20,
+                      model_mb=model_mb, rss_before_epoch_mb=base, peak_rss_epoch_mb=rss_mb("VmHWM"),
+                      batches=n, ms_per_batch=1e3 * elapsed / n)))
+"""
+
+
+def data_path(args):
+    """One epoch of training batches (64) from a METR-LA-sized series, in a fresh process.
+
+    Memory: the growth of the peak RSS over the epoch beyond what holds the series and the
+    model (batches are gathered one at a time; windows are never materialised)."""
+    days = 14 if args.quick else 119
+    out = subprocess.run([sys.executable, "-c", DATA_PATH, str(args.threads), str(days)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def scaling(args, device, bf16):
+    """Step time against nodes and batch: train step where cheap, else inference only."""
+    rows = []
+    node_list = (207, 325, 1000, 4000)
+    batches = (16, 64, 256)
+    limit = 2.0 if args.quick else 8.0  # seconds one measurement may take
+    for nodes in node_list:
+        for fixed_only in (False, True):
+            adj = road_graph(nodes)
+            change = dict(addaptadj=False) if fixed_only else {}
+            skip_rest = False
+            for batch in batches:
+                row = dict(nodes=nodes, batch=batch, adaptive=not fixed_only,
+                           edges=int(adj.nnz), train_ms=None, infer_ms=None)
+                if skip_rest:
+                    rows.append(row)
+                    continue
+                model, _ = build(adj, device, batch, **change)
+                x, y = inputs(model.config, batch, device)
+                train, infer = make_steps(model, x, y, device, bf16)
+                t = timed({"infer": infer}, 1, device)["infer"]
+                row["infer_ms"] = 1e3 * t
+                if 3 * t < limit:
+                    row["train_ms"] = 1e3 * timed({"train": train}, 1, device)["train"]
+                rows.append(row)
+                skip_rest = 4 * t > limit
+                del model, x, y, train, infer
+    return rows
+
+
+def write_table(rows, path: Path, title: str) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path.with_suffix(".csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, keys)
+        w.writeheader()
+        w.writerows(rows)
+
+    def fmt(v):
+        if v is None:
+            return "—"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+    md = [f"### {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    md += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    text = "\n".join(md) + "\n"
+    path.with_suffix(".md").write_text(text)
+    return text
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="fewer repeats, smaller scaling budget")
+    p.add_argument("--out", default="benchmark-results")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--skip", nargs="*", default=[], choices=("equal", "headline", "data", "scaling"))
+    args = p.parse_args(argv)
+    args.repeats = args.repeats or (2 if args.quick else 5)
+    torch.set_num_threads(args.threads)
+    device, bf16 = args.device, args.device == "cuda"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    adj, graph = metr_la_graph()
+    print(f"gwnet benchmark: {device}{' bf16 autocast' if bf16 else ' fp32'}, {args.threads} threads, "
+          f"improved preset, {graph}, batch {args.batch}, 12 steps, median of {args.repeats}")
+    report, headline_rows = [], []
+    if "equal" not in args.skip:
+        eq = check_equal(adj, "cpu")
+        rows = [dict(model=k, **v) for k, v in eq.items()]
+        report.append(write_table(rows, out / "equality", "Max relative difference to the reference-structured model (fp32, no dropout)"))
+        print(report[-1])
+    if "headline" not in args.skip:
+        rows = headline_rows = headline(adj, args, device, bf16)
+        report.append(write_table(rows, out / "headline", f"Training step and inference, batch {args.batch}"))
+        print(report[-1])
+    if "data" not in args.skip:
+        d = data_path(args)
+        resident = d["series_with_features_mb"] + d["model_mb"]
+        d["epoch_peak_growth_mb"] = d["peak_rss_epoch_mb"] - d["rss_before_epoch_mb"]
+        d["peak_over_series_plus_model"] = (resident + d["epoch_peak_growth_mb"]) / resident
+        d["peak_over_raw_speeds_plus_model"] = (resident + d["epoch_peak_growth_mb"]) / (
+            d["raw_series_mb"] + d["model_mb"])
+        fast = [r for r in headline_rows if r["model"] == "fast" and r["measure"] == "train step"]
+        if fast:
+            d["batch_share_of_train_step"] = d["ms_per_batch"] / 1e3 / fast[0]["seconds"]
+        report.append(write_table([d], out / "data_path", "Data path: one training epoch of batches (64)"))
+        print(report[-1])
+    if "scaling" not in args.skip:
+        rows = scaling(args, device, bf16)
+        report.append(write_table(rows, out / "scaling", "Scaling (ms per step; — = not run, over the time budget)"))
+        print(report[-1])
+    (out / "benchmark.md").write_text("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()
