@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 
