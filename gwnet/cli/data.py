@@ -23,7 +23,7 @@ def export_npz(data: str, out: str, key: str | None = None, cfg: DataConfig | No
     ``generate_training_data.py`` does (float64, unscaled, zeros kept)."""
     cfg = cfg or DataConfig()
     speeds = read_speeds(data, key, dtype=np.float64)
-    series = build_series(speeds, cfg, dtype=np.float64)
+    series = build_series(speeds, cfg, dtype=np.float64).to_numpy()
     x_offsets = np.arange(-(cfg.seq_len - 1), 1)
     y_offsets = np.arange(cfg.first_offset, cfg.first_offset + cfg.horizon)
     n = count_windows(len(series), cfg)

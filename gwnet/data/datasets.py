@@ -10,7 +10,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
@@ -21,7 +20,7 @@ from .graph import SensorGraph, align_graph, read_graph
 from .readers import HDF5_EXTS, read_speeds
 from .scaler import StandardScaler
 from .supports import build_supports
-from .windows import Windows, build_series, make_splits
+from .windows import Series, Windows, build_series, make_splits
 
 # Conventional locations below the data root ($GWNET_DATA, else ./data), as DCRNN lays them out.
 NAMED = {
@@ -96,7 +95,7 @@ class TrafficData:
     speeds: pd.DataFrame
     graph: SensorGraph
     config: DataConfig
-    series: np.ndarray
+    series: Series
     windows: dict[str, Windows]
     scaler: StandardScaler
     source: str = "data"
@@ -123,7 +122,7 @@ class TrafficData:
 
     def latest(self, scaler: StandardScaler | None = None) -> tuple[torch.Tensor, pd.Timestamp]:
         """The last ``seq_len`` readings as one scaled input ``(1, seq_len, N, F)``, and its origin."""
-        x = torch.from_numpy(self.series[-self.config.seq_len:].copy())[None]
+        x = self.series.gather(torch.arange(len(self.series) - self.config.seq_len, len(self.series)))[None]
         x[..., 0] = (scaler or self.scaler).transform(x[..., 0])
         return x, self.speeds.index[-1]
 

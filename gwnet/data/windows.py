@@ -33,14 +33,42 @@ def calendar_features(index: pd.DatetimeIndex, time_of_day: bool, day_of_week: b
     return np.concatenate(cols, axis=1).astype(dtype)
 
 
-def build_series(speeds: pd.DataFrame, cfg: DataConfig, dtype=np.float32) -> np.ndarray:
-    """``(time, nodes, features)`` series: raw speed, then the calendar features."""
-    values = speeds.to_numpy(dtype=dtype)
-    cal = calendar_features(speeds.index, cfg.time_of_day, cfg.day_of_week, dtype)
-    series = np.empty(values.shape + (1 + cal.shape[1],), dtype=dtype)
-    series[..., 0] = values
-    series[..., 1:] = cal[:, None, :]
-    return series
+class Series:
+    """Model inputs over time: speeds ``(T, N)`` and calendar features ``(T, k)``.
+
+    The calendar is the same for every sensor, so it is stored once per step and broadcast
+    when a batch is gathered; the series then costs little more than the raw speeds.
+    """
+
+    def __init__(self, speeds: torch.Tensor, calendar: torch.Tensor):
+        self.speeds, self.calendar = speeds, calendar
+
+    def __len__(self) -> int:
+        return self.speeds.shape[0]
+
+    @property
+    def num_features(self) -> int:
+        return 1 + self.calendar.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.speeds, self.calendar))
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Inputs ``(*rows.shape, N, F)`` at ``rows``: raw speed, then the calendar features."""
+        speed = self.speeds[rows].unsqueeze(-1)
+        calendar = self.calendar[rows].unsqueeze(-2).expand(*speed.shape[:-1], -1)
+        return torch.cat([speed, calendar], dim=-1)
+
+    def to_numpy(self) -> np.ndarray:
+        """The whole ``(T, N, F)`` array (for exports that need it materialised)."""
+        return self.gather(torch.arange(len(self))).numpy()
+
+
+def build_series(speeds: pd.DataFrame, cfg: DataConfig, dtype=np.float32) -> Series:
+    """The model-input series of a speed table."""
+    return Series(torch.from_numpy(speeds.to_numpy(dtype=dtype)),
+                  torch.from_numpy(calendar_features(speeds.index, cfg.time_of_day, cfg.day_of_week, dtype)))
 
 
 def split_sizes(num_windows: int, train_ratio: float = 0.7, test_ratio: float = 0.2) -> dict[str, int]:
@@ -54,7 +82,7 @@ class Windows(torch.utils.data.Dataset):
     """The windows of one split: ``x`` is ``(seq_len, nodes, features)`` scaled, ``y`` is
     ``(horizon, nodes)`` raw speed with zeros for missing readings."""
 
-    def __init__(self, series: torch.Tensor, scaler: StandardScaler, start: int, stop: int,
+    def __init__(self, series: Series, scaler: StandardScaler, start: int, stop: int,
                  seq_len: int, horizon: int, first_offset: int, index: pd.DatetimeIndex):
         self.series = series
         self.scaler = scaler
@@ -79,9 +107,9 @@ class Windows(torch.utils.data.Dataset):
         statistics can read the same windows.
         """
         first = positions.to(torch.long)[:, None] + self.start
-        x = self.series[first + self._in_steps]
+        x = self.series.gather(first + self._in_steps)
         x[..., 0] = (scaler or self.scaler).transform(x[..., 0])
-        y = self.series[first + self._out_steps, :, 0]
+        y = self.series.speeds[first + self._out_steps]
         return x, y
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
@@ -108,7 +136,7 @@ def count_windows(num_steps: int, cfg: DataConfig) -> int:
     return num_steps - (cfg.seq_len - 1) - (cfg.first_offset + cfg.horizon - 1)
 
 
-def make_splits(series: np.ndarray, index: pd.DatetimeIndex, cfg: DataConfig, source: str = "data",
+def make_splits(series: Series, index: pd.DatetimeIndex, cfg: DataConfig, source: str = "data",
                 scaler: StandardScaler | None = None) -> tuple[dict[str, Windows], StandardScaler]:
     """Cut ``series`` into train/val/test windows; fit the scaler on the training inputs unless
     one is given (a trained model's, when predicting on new data)."""
@@ -121,12 +149,12 @@ def make_splits(series: np.ndarray, index: pd.DatetimeIndex, cfg: DataConfig, so
     if empty:
         raise file_error(source, f"{n} windows are too few for a non-empty {'/'.join(empty)} split")
     if scaler is None:
-        scaler = StandardScaler.fit_windows(series[..., 0], sizes["train"], cfg.seq_len, cfg.fill_zeroes)
-    tensor = torch.from_numpy(series)
+        scaler = StandardScaler.fit_windows(series.speeds.numpy(), sizes["train"], cfg.seq_len,
+                                            cfg.fill_zeroes)
     windows, start = {}, 0
     for name in SPLITS:
         stop = start + sizes[name]
-        windows[name] = Windows(tensor, scaler, start, stop, cfg.seq_len, cfg.horizon,
+        windows[name] = Windows(series, scaler, start, stop, cfg.seq_len, cfg.horizon,
                                 cfg.first_offset, index)
         start = stop
     return windows, scaler

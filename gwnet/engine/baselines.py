@@ -39,7 +39,7 @@ def historical_average_table(data: TrafficData) -> np.ndarray:
     """``(288, N)`` mean non-missing speed per 5-minute slot of the day, from training targets."""
     train = data.windows["train"]
     rows = train.stop + train.seq_len - 1 + train.first_offset + train.horizon - 1
-    speeds = data.series[:rows, :, 0].astype(np.float64)
+    speeds = data.series.speeds[:rows].numpy().astype(np.float64)
     slots = _slots(data.speeds.index.to_numpy()[:rows])
     total = np.zeros((SLOTS_PER_DAY, speeds.shape[1]))
     count = np.zeros_like(total)
