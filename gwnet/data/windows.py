@@ -67,7 +67,7 @@ class Series:
 
 def build_series(speeds: pd.DataFrame, cfg: DataConfig, dtype=np.float32) -> Series:
     """The model-input series of a speed table."""
-    return Series(torch.from_numpy(speeds.to_numpy(dtype=dtype)),
+    return Series(torch.from_numpy(speeds.to_numpy(dtype=dtype, copy=True)),
                   torch.from_numpy(calendar_features(speeds.index, cfg.time_of_day, cfg.day_of_week, dtype)))
 
 

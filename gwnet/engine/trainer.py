@@ -191,8 +191,12 @@ class Trainer:
         if not self.is_main:
             return
         save_checkpoint(self.run.last, payload)
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        """metrics.csv, derived from the history in last.pt (written after it)."""
         with atomic_path(self.run.metrics) as tmp:
-            pd.DataFrame(p.history).to_csv(tmp, index=False)
+            pd.DataFrame(self.progress.history).to_csv(tmp, index=False)
 
     def _restore(self) -> None:
         state = load_checkpoint(self.run.last, map_location="cpu")
@@ -207,6 +211,8 @@ class Trainer:
                                   best_epoch=state["best_epoch"], bad_epochs=state["bad_epochs"],
                                   history=list(state["history"]), partial=state["partial"],
                                   finished=bool(state.get("finished")))
+        if self.is_main:  # a kill between last.pt and metrics.csv leaves the CSV an epoch behind
+            self._write_metrics()
 
     # --- the loop ------------------------------------------------------------------------
     @contextmanager
