@@ -10,7 +10,7 @@ setup(
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["gwnet", "gwnet.*"]),
     install_requires=[
         "torch>=2.2",

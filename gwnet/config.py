@@ -9,9 +9,11 @@ functions returning filled-in trees; nothing else holds defaults.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -21,14 +23,46 @@ from .errors import GWNetError, file_error
 ADJTYPES = ("transition", "doubletransition", "symnadj", "scalap", "normlap", "identity")
 
 
-def opt(default, help: str, choices: tuple | None = None, **kw):
+def opt(default, help: str, choices: tuple | None = None):
     """A dataclass field whose help text and choices the CLI reads."""
     meta = {"help": help}
     if choices is not None:
         meta["choices"] = choices
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
+    return field(default=default, metadata=meta)
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, tuple[type, bool]]:
+    """``{field: (type, optional)}`` of a config dataclass, from its annotations."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        out[name] = (next(a for a in args if a is not type(None)) if optional else hint, optional)
+    return out
+
+
+def coerce(cls: type, name: str, value: Any, source: str) -> Any:
+    """``value`` as field ``name`` of ``cls`` wants it (config files may hold "1e-3" or 5 for 5.0)."""
+    kind, optional = field_types(cls)[name]
+    if value is None and optional:
+        return None
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+        elif kind is int:
+            if not isinstance(value, bool) and float(value) == int(float(value)):
+                return int(float(value))
+        elif kind is float:
+            if not isinstance(value, bool):
+                return float(value)
+        elif isinstance(value, kind):
+            return value
+    except (TypeError, ValueError):
+        pass
+    raise GWNetError(f"{source}: option {name} must be {'none or ' if optional else ''}"
+                     f"{kind.__name__}, got {value!r}")
 
 
 @dataclass
@@ -263,9 +297,9 @@ def update(cfg: Config, raw: dict[str, Any], source: str = "config") -> Config:
             for name, v in value.items():
                 if name not in names:
                     raise GWNetError(f"{source}: unknown option {key}.{name}")
-                setattr(section, name, v)
+                setattr(section, name, coerce(type(section), name, v, source))
         elif key in top:
-            setattr(cfg, key, value)
+            setattr(cfg, key, coerce(Config, key, value, source))
         else:
             raise GWNetError(f"{source}: unknown option {key!r}")
     return cfg

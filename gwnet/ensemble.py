@@ -140,6 +140,10 @@ def load_members(paths: Sequence[str | Path], device: str | torch.device = "cpu"
                   **source: str | None) -> tuple[list[Member], TrafficData]:
     """Members (run directories; files are reference checkpoints) and the data windowed for
     them: see :func:`data_config` for which data and ``source`` for replacing it."""
+    resolved = [Path(p).resolve() for p in paths]
+    for path, where in zip(paths, resolved):
+        if resolved.count(where) > 1:
+            raise file_error(path, "is given twice; each member once")
     names = dict(zip(map(str, paths), member_names(paths)))
     members = {str(p): load_member(p, device, names[str(p)]) for p in paths if not Path(p).is_file()}
     if members:

@@ -20,6 +20,7 @@ from gwnet.data import read_speeds, synthetic
 from gwnet.engine import train
 from gwnet.engine.checkpoint import RunDir, load_checkpoint, save_checkpoint
 from gwnet.ensemble import COLUMNS, Ensemble, load_members, nnls_from_gram, run
+from gwnet.errors import GWNetError
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -247,3 +248,16 @@ def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys, case):
     assert len(lines) == 1 and lines[0].startswith("gwnet-predict: error: "), err
     assert str(named) in lines[0] and "Traceback" not in err
     assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+def test_a_member_given_twice_is_refused(runs):
+    with pytest.raises(GWNetError, match="is given twice"):
+        load_members([runs.h6, str(runs.h6) + "/"])
+
+
+def test_evaluate_on_other_data_keeps_the_runs_windows(runs):
+    from gwnet import evaluate
+    from gwnet.config import DataConfig
+
+    table = evaluate(runs.h6, DataConfig(data=str(runs.speeds), adj=str(runs.adj), horizon=12), device="cpu")
+    assert list(table.index) == [str(h) for h in range(1, 7)] + ["mean"]

@@ -289,10 +289,24 @@ def test_config_file_and_flag_precedence(tmp_path):
 
     (tmp_path / "c.toml").write_text('[model]\nresidual_channels = 7\n[train]\nlr = 0.5\n')
     argv = ["--config", str(tmp_path / "c.toml"), "--lr", "0.25", "--model", "original"]
-    cfg, resume = resolve_config(build_parser().parse_args(argv), argv)
+    cfg, resume = resolve_config(build_parser().parse_args(argv))
     assert cfg.preset == "original" and cfg.model.residual_channels == 7 and cfg.train.lr == 0.25
     assert cfg.train.clip == 5.0 and not resume  # the original recipe
     (tmp_path / "bad.yaml").write_text("model:\n  nope: 1\n")
     argv = ["--config", str(tmp_path / "bad.yaml")]
     with pytest.raises(GWNetError, match="unknown option model.nope"):
-        resolve_config(build_parser().parse_args(argv), argv)
+        resolve_config(build_parser().parse_args(argv))
+    (tmp_path / "typed.yaml").write_text("train:\n  lr: 1e-3\n  epochs: '5'\n")
+    cfg, _ = resolve_config(build_parser().parse_args(["--config", str(tmp_path / "typed.yaml")]))
+    assert cfg.train.lr == 1e-3 and cfg.train.epochs == 5
+    (tmp_path / "wrong.yaml").write_text("train:\n  epochs: many\n")
+    with pytest.raises(GWNetError, match="option epochs must be int, got 'many'"):
+        resolve_config(build_parser().parse_args(["--config", str(tmp_path / "wrong.yaml")]))
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    from gwnet.cli.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--epoch", "50"])
+    assert exc.value.code == 2 and "unrecognized arguments: --epoch" in capsys.readouterr().err

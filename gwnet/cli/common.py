@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import typing
 import warnings
 from dataclasses import fields
 from typing import Any, Callable
 
-from ..config import SECTIONS, Config, DataConfig, GWNetConfig, TrainConfig, read_config_file, update
+from ..config import (SECTIONS, Config, DataConfig, GWNetConfig, TrainConfig, field_types, read_config_file,
+                      update)
 from ..errors import GWNetError
 
 # Fields that are derived from the data, not chosen by the user.
@@ -32,11 +32,7 @@ def _parse_optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
 def add_field(group, section: str | None, f) -> None:
     """Add the flag of config field ``f`` (of ``section``, or of the top level when None)."""
-    hints = typing.get_type_hints(SECTION_CLASSES[section] if section else Config)
-    kind = hints[f.name]
-    optional = type(None) in typing.get_args(kind)
-    if optional:
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    kind, optional = field_types(SECTION_CLASSES[section] if section else Config)[f.name]
     flag = "--" + ("model" if f.name == "preset" else f.name.replace("_", "-"))
     dest = f"{section}.{f.name}" if section else f.name
     kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=f.metadata.get("help"))

@@ -65,7 +65,7 @@ def inspect(path: str, key: str | None = None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gwnet-data", description=__doc__)
+    parser = argparse.ArgumentParser(prog="gwnet-data", description=__doc__, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     synth = sub.add_parser("synth", help="write the synthetic dataset (METR-LA formats)")
     synth.add_argument("--out", required=True, help="output directory")

@@ -21,6 +21,7 @@ from .common import add_field, run_cli
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gwnet-predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
         epilog="Without --data/--dataset the data of the first run's config is used. Example: "
                "gwnet-predict runs/h3 runs/h12 --strategy per-horizon --out predictions/")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",

@@ -17,7 +17,7 @@ QUICK_BUDGET = {"epochs": 8, "batches_per_epoch": 30}
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gwnet-train", description=__doc__,
+        prog="gwnet-train", description=__doc__, allow_abbrev=False,
         epilog="Precedence: preset (--model) < --config file < flags. "
                "Example: gwnet-train --data metr-la.h5 --adj adj_mx.pkl --out runs/improved")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_config(args: argparse.Namespace, argv: list[str]) -> tuple[Config, bool]:
+def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     """The run's config, and whether it resumes an existing run directory."""
     if args.resume:
         rd = RunDir(args.resume)
@@ -39,8 +39,9 @@ def resolve_config(args: argparse.Namespace, argv: list[str]) -> tuple[Config, b
         cfg.out = str(rd.root)
         return cfg, True
     cfg = config_from_args(args)
-    data_given = any(a.split("=")[0] in ("--data", "--dataset", "--config") for a in argv)
-    budget_given = any(a.split("=")[0] in ("--epochs", "--batches-per-epoch", "--config") for a in argv)
+    given = vars(args)  # flags default to SUPPRESS: only those given are here
+    data_given = args.config_file or "data.data" in given or "data.dataset" in given
+    budget_given = args.config_file or "train.epochs" in given or "train.batches_per_epoch" in given
     if not data_given and not budget_given:
         for name, value in QUICK_BUDGET.items():
             setattr(cfg.train, name, value)
@@ -52,9 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..engine.trainer import Interrupted, train
     from ..scale.world import distributed, is_main_process
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    cfg, resume = resolve_config(args, argv)
+    cfg, resume = resolve_config(args)
     # Under torchrun (--fsdp) every process trains; only rank 0 prints.
     with distributed(cfg):
         main_process = is_main_process()

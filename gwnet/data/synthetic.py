@@ -34,7 +34,6 @@ from __future__ import annotations
 import operator
 import os
 import pickle
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,6 +44,7 @@ import scipy.sparse as sp
 from scipy.signal import lfilter
 from scipy.sparse.csgraph import dijkstra
 
+from ..atomic import atomic_path
 from ..errors import GWNetError
 from .graph import SensorGraph, gaussian_kernel_adjacency
 
@@ -184,20 +184,12 @@ def _check_arguments(nodes: int, days: int, seed: int) -> tuple[int, int, int]:
 
 
 def _atomic_write(path: Path, write_to: Callable[[Path], None]) -> Path:
-    """Write through a temporary file in the same folder, then rename it over ``path``.
-
-    The temporary name is random rather than made by ``mkstemp``, whose private permissions
-    the finished file would keep; the writer creates it like any other file.
-    """
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    """``write_to`` a temporary file beside ``path``, then rename it over ``path``."""
     try:
-        write_to(tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise GWNetError(f"{path}: cannot write ({exc.strerror or exc})") from None
-        raise
+        with atomic_path(path) as tmp:
+            write_to(tmp)
+    except OSError as exc:
+        raise GWNetError(f"{path}: cannot write ({exc.strerror or exc})") from None
     return path
 
 

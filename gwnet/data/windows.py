@@ -47,10 +47,6 @@ class Series:
         return self.speeds.shape[0]
 
     @property
-    def num_features(self) -> int:
-        return 1 + self.calendar.shape[1]
-
-    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.speeds, self.calendar))
 

@@ -15,6 +15,7 @@ are those of a single process.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import signal
 import time
@@ -40,6 +41,8 @@ from .checkpoint import RunDir, load_checkpoint, save_checkpoint
 from .metrics import MetricAccumulator, masked_mae
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+# Data fields that shape a model's input windows and targets.
+WINDOW_FIELDS = ("seq_len", "horizon", "first_offset", "time_of_day", "day_of_week")
 # Model fields that may differ between a pretrained run and the run initialised from it.
 INIT_FREE_FIELDS = {"out_dim", "dropout", "graph_conv"}
 
@@ -297,11 +300,8 @@ class Trainer:
 
     def evaluate(self, split: str = "val") -> MetricAccumulator:
         """Clamped, masked metrics of the current model on a split."""
-        acc = MetricAccumulator(self.cfg.data.horizon, self.cfg.train.null_value)
-        for pred, y in predict_batches(self.model, self.data.windows[split], self.data.scaler,
-                                       self.cfg.train, self.device):
-            acc.update(pred, y)
-        return acc
+        return split_metrics(self.model, self.data.windows[split], self.data.scaler, self.cfg.train,
+                             self.device)
 
     def fit(self) -> RunResult:
         t, p = self.cfg.train, self.progress
@@ -373,6 +373,15 @@ def predict_batches(model: torch.nn.Module, windows: Windows, scaler: StandardSc
     model.eval()
     for x, y in windows.batches(t.batch_size, scaler=scaler):
         yield forecast(model, x, scaler, t, device), y
+
+
+def split_metrics(model: torch.nn.Module, windows: Windows, scaler: StandardScaler, t: TrainConfig,
+                  device: torch.device) -> MetricAccumulator:
+    """Clamped, masked metrics of ``model`` over every window of a split."""
+    acc = MetricAccumulator(windows.horizon, t.null_value)
+    for pred, y in predict_batches(model, windows, scaler, t, device):
+        acc.update(pred, y)
+    return acc
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -457,30 +466,32 @@ def _with_horizon(data: TrafficData, horizon: int) -> TrafficData:
 
 
 def evaluate(run_dir: str | Path, data: DataConfig | TrafficData | None = None, split: str = "test",
-             device: str = "cpu") -> pd.DataFrame:
+             device: str = "auto") -> pd.DataFrame:
     """Per-horizon test metrics (plus the mean row) of a run's best model on ``data``.
 
     ``data`` defaults to the data the run was trained on; a :class:`DataConfig` or a loaded
     :class:`TrafficData` evaluates on other readings of the same sensors, scaled as in training.
     """
+    device = resolve_device(device)
     model, cfg, scaler, sensor_ids = load_trained(run_dir, device)
     if not isinstance(data, TrafficData):
-        data = load_data(data or cfg.data, scaler=scaler)
+        # Other readings, but the windows and features the model was trained on.
+        window = {name: getattr(cfg.data, name) for name in WINDOW_FIELDS}
+        data = load_data(dataclasses.replace(data or cfg.data, **window), scaler=scaler)
+    elif any(getattr(data.config, name) != getattr(cfg.data, name) for name in WINDOW_FIELDS):
+        raise GWNetError(f"{data.source}: windows or features differ from those of run {run_dir}")
     if data.sensor_ids != sensor_ids:
         raise GWNetError(f"{data.source}: sensors differ from those of run {run_dir}")
-    acc = MetricAccumulator(cfg.data.horizon, cfg.train.null_value)
-    for pred, y in predict_batches(model, data.windows[split], scaler, cfg.train, torch.device(device)):
-        acc.update(pred, y)
-    return acc.table()
+    return split_metrics(model, data.windows[split], scaler, cfg.train, device).table()
 
 
-def load_trained(run_dir: str | Path, device: str | torch.device = "cpu",
-                 which: str = "best") -> tuple[GWNet, Config, StandardScaler, list[str]]:
+def load_trained(run_dir: str | Path,
+                 device: str | torch.device = "cpu") -> tuple[GWNet, Config, StandardScaler, list[str]]:
     """Rebuild the model of a run directory: ``(model in eval mode, config, scaler, sensor ids)``."""
     rd = RunDir(run_dir)
     if not rd.root.is_dir():
         raise file_error(rd.root, "no such run directory")
-    state = load_checkpoint(rd.best if which == "best" else rd.last, map_location=device)
+    state = load_checkpoint(rd.best, map_location="cpu")  # the supports are built with scipy
     cfg = Config.from_dict(state["config"], source=str(rd.root))
     scaler = StandardScaler(**state["scaler"])
     sensor_ids = list(state["sensor_ids"])
