@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import pickle
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_gwnet import ReferenceGWNet  # noqa: E402
 
 from gwnet.config import GWNetConfig  # noqa: E402
+from gwnet.data.graph import read_graph  # noqa: E402
 from gwnet.data.supports import build_supports, to_torch  # noqa: E402
 from gwnet.nn import GWNet  # noqa: E402
 
@@ -60,16 +60,14 @@ def road_graph(nodes: int, neighbours: int = 8, seed: int = 0) -> sp.csr_matrix:
 
 def metr_la_graph():
     if METR_LA.is_file():
-        with open(METR_LA, "rb") as fh:
-            return pickle.load(fh, encoding="latin1")[2], "METR-LA"
+        return read_graph(METR_LA).adj, "METR-LA"
     return road_graph(207), "synthetic road graph (METR-LA not found)"
 
 
-def build(adj, device, batch, dropout=0.3, **change):
+def build(adj, device, dropout=0.3, **change):
     torch.manual_seed(0)
-    supports = to_torch(build_supports(adj))
     cfg = GWNetConfig.improved(num_nodes=adj.shape[0], dropout=dropout, **change)
-    return GWNet(cfg, supports).to(device), supports
+    return GWNet(cfg, to_torch(build_supports(adj))).to(device)
 
 
 def inputs(cfg, batch, device, seed=1):
@@ -124,8 +122,8 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_equal(adj, device):
     """Largest relative differences of fast and dense against the reference (no dropout)."""
-    fast, _ = build(adj, device, 0, dropout=0.0)
-    dense, _ = build(adj, device, 0, dropout=0.0, graph_conv="dense")
+    fast = build(adj, device, dropout=0.0)
+    dense = build(adj, device, dropout=0.0, graph_conv="dense")
     dense.load_state_dict(fast.state_dict())
     ref = ReferenceGWNet.from_gwnet(fast)
     x, _ = inputs(fast.config, 8, device)
@@ -154,8 +152,8 @@ def flops_of(fn) -> int:
 
 
 def headline(adj, args, device, bf16):
-    fast, _ = build(adj, device, args.batch)
-    dense, _ = build(adj, device, args.batch, graph_conv="dense")
+    fast = build(adj, device)
+    dense = build(adj, device, graph_conv="dense")
     dense.load_state_dict(fast.state_dict())
     ref = ReferenceGWNet.from_gwnet(fast).to(device)
     x, y = inputs(fast.config, args.batch, device)
@@ -251,7 +249,7 @@ def scaling(args, device, bf16):
                 if skip_rest:
                     rows.append(row)
                     continue
-                model, _ = build(adj, device, batch, **change)
+                model = build(adj, device, **change)
                 x, y = inputs(model.config, batch, device)
                 train, infer = make_steps(model, x, y, device, bf16)
                 t = timed({"infer": infer}, 1, device)["infer"]

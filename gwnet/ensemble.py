@@ -497,8 +497,8 @@ def write_predictions(forecasts: Iterator[Forecast], path: str | Path, sensor_id
                       null_value: float = 0.0) -> int:
     """Stream ``forecasts`` into ``path`` (``.csv`` or ``.parquet``); the number of rows."""
     with PredictionWriter(path, sensor_ids, null_value) as writer:
-        for forecast in forecasts:
-            writer.write(forecast)
+        for batch in forecasts:
+            writer.write(batch)
     return writer.rows
 
 
@@ -696,11 +696,11 @@ def _forecast_windows(ensemble: Ensemble, data: TrafficData, windows: Windows, p
     scores[ENSEMBLE] = MetricAccumulator(ensemble.horizon, ensemble.null_value)
     trace = SensorTrace(index, ensemble.horizon)
     with PredictionWriter(path, data.sensor_ids, ensemble.null_value) as writer:
-        for forecast in ensemble.predict(windows, batch_size):
-            writer.write(forecast)
-            trace.update(forecast)
-            for acc, pred in zip(scores.values(), forecast.members + [forecast.prediction]):
-                acc.update(pred, forecast.actual[:, :pred.shape[1]])
+        for batch in ensemble.predict(windows, batch_size):
+            writer.write(batch)
+            trace.update(batch)
+            for acc, pred in zip(scores.values(), batch.members + [batch.prediction]):
+                acc.update(pred, batch.actual[:, :pred.shape[1]])
     traces = trace.frames(data.sensor_ids, ensemble.lead_minutes, ensemble.null_value)
     return writer.rows, metrics_frame(scores), traces
 

@@ -11,8 +11,7 @@ from ..atomic import atomic_path
 from ..config import DataConfig
 from ..data.graph import read_graph
 from ..data.readers import read_speeds
-from ..data.windows import SPLITS, build_series, count_windows, split_sizes
-from ..errors import file_error
+from ..data.windows import build_series, count_windows, split_ranges
 from .common import run_cli
 
 GRAPH_HINTS = (".pkl", ".pickle")
@@ -26,14 +25,9 @@ def export_npz(data: str, out: str, key: str | None = None, cfg: DataConfig | No
     series = build_series(speeds, cfg, dtype=np.float64).to_numpy()
     x_offsets = np.arange(-(cfg.seq_len - 1), 1)
     y_offsets = np.arange(cfg.first_offset, cfg.first_offset + cfg.horizon)
-    n = count_windows(len(series), cfg)
-    if n < 1:
-        raise file_error(data, f"{len(series)} steps are too few for one window")
-    sizes = split_sizes(n, cfg.train_ratio, cfg.test_ratio)
-    paths, start = {}, 0
-    for name in SPLITS:
-        origins = np.arange(start, start + sizes[name]) + cfg.seq_len - 1
-        start += sizes[name]
+    paths = {}
+    for name, r in split_ranges(len(series), cfg, data).items():
+        origins = np.arange(r.start, r.stop) + cfg.seq_len - 1
         path = Path(out) / f"{name}.npz"
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez_compressed(fh, x=series[origins[:, None] + x_offsets],

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..errors import GWNetError, file_error
+from ..errors import file_error
 
 
 @dataclass

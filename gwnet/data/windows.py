@@ -132,25 +132,32 @@ def count_windows(num_steps: int, cfg: DataConfig) -> int:
     return num_steps - (cfg.seq_len - 1) - (cfg.first_offset + cfg.horizon - 1)
 
 
+def split_ranges(num_steps: int, cfg: DataConfig, source: str = "data") -> dict[str, range]:
+    """Window indices of the chronological train/val/test splits of a series."""
+    n = count_windows(num_steps, cfg)
+    if n < 1:
+        span = cfg.seq_len + cfg.first_offset + cfg.horizon - 1
+        raise file_error(source, f"{num_steps} steps are too few for one window of {span} steps")
+    ranges, start = {}, 0
+    for name, size in split_sizes(n, cfg.train_ratio, cfg.test_ratio).items():
+        ranges[name] = range(start, start + size)
+        start += size
+    return ranges
+
+
 def make_splits(series: Series, index: pd.DatetimeIndex, cfg: DataConfig, source: str = "data",
                 scaler: StandardScaler | None = None) -> tuple[dict[str, Windows], StandardScaler]:
     """Cut ``series`` into train/val/test windows; fit the scaler on the training inputs unless
     one is given (a trained model's, when predicting on new data)."""
-    n = count_windows(len(series), cfg)
-    span = cfg.seq_len + cfg.first_offset + cfg.horizon - 1
-    if n < 1:
-        raise file_error(source, f"{len(series)} steps are too few for one window of {span} steps")
-    sizes = split_sizes(n, cfg.train_ratio, cfg.test_ratio)
-    empty = [name for name, size in sizes.items() if size < 1]
+    ranges = split_ranges(len(series), cfg, source)
+    empty = [name for name, r in ranges.items() if len(r) < 1]
     if empty:
+        n = sum(len(r) for r in ranges.values())
         raise file_error(source, f"{n} windows are too few for a non-empty {'/'.join(empty)} split")
     if scaler is None:
-        scaler = StandardScaler.fit_windows(series.speeds.numpy(), sizes["train"], cfg.seq_len,
+        scaler = StandardScaler.fit_windows(series.speeds.numpy(), len(ranges["train"]), cfg.seq_len,
                                             cfg.fill_zeroes)
-    windows, start = {}, 0
-    for name in SPLITS:
-        stop = start + sizes[name]
-        windows[name] = Windows(series, scaler, start, stop, cfg.seq_len, cfg.horizon,
-                                cfg.first_offset, index)
-        start = stop
+    windows = {name: Windows(series, scaler, r.start, r.stop, cfg.seq_len, cfg.horizon,
+                             cfg.first_offset, index)
+               for name, r in ranges.items()}
     return windows, scaler

@@ -71,7 +71,7 @@ class _SparsePropagate(torch.autograd.Function):
     def forward(ctx, support: Tensor, h: Tensor) -> Tensor:
         ctx.support, ctx.dtype = support, h.dtype
         with torch.autocast(h.device.type, enabled=False):
-            return support.t().to_sparse_csr() @ h.to(support.dtype)
+            return _transposed(support) @ h.to(support.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -78,14 +78,12 @@ def is_main_process() -> bool:
 
 
 def _device_type(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GWNetError("--device cuda asked for, but no CUDA device is available")
-    if name not in ("cpu", "cuda"):
+    from ..engine.trainer import resolve_device  # imported here: the engine imports this module
+
+    if name not in ("auto", "cpu", "cuda"):
         raise GWNetError(f"--fsdp places every process on its own device: use --device auto, cuda "
                          f"or cpu, not {name!r}")
-    return name
+    return resolve_device(name).type
 
 
 @contextmanager
