@@ -1,11 +1,14 @@
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# The version lives in gwnet/_version.py alone (read as text: importing gwnet needs torch).
+VERSION = re.search(r'__version__ = "([^"]+)"', Path("gwnet/_version.py").read_text()).group(1)
 
 setup(
     name="gwnet",
-    version="0.1.0",
+    version=VERSION,
     description="Graph WaveNet (original and improved) for spatio-temporal traffic forecasting",
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
@@ -28,7 +31,9 @@ setup(
         # 8-bit AdamW (--optimizer adamw8bit); FSDP itself is part of torch. torchao releases
         # follow torch's: 0.18 is the one for torch 2.13.
         "scale": ["torchao>=0.18,<0.19"],
-        "test": ["pytest>=7", "pyarrow>=12", "torchao>=0.18,<0.19"],
+        # --log tensorboard: event files under RUN_DIR/tensorboard/
+        "tensorboard": ["tensorboard>=2.14"],
+        "test": ["pytest>=7", "pyarrow>=12", "torchao>=0.18,<0.19", "tensorboard>=2.14"],
     },
     entry_points={
         "console_scripts": [

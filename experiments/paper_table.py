@@ -11,6 +11,8 @@ original               Wu et al. (2019): Graph WaveNet with its published recipe
 improved               Shleifer et al.: better hyperparameters, ``cat_feat_gc``, ``fill_zeroes``
 finetuned              improved, pretrained on horizons 1-6, then finetuned on 1-12
 short                  improved, trained on horizons 1-6 only (the ensemble's short member)
+mlp                    no graph: a per-sensor MLP over the input window (gwnet's ``mlp`` model;
+                       beyond the paper's table, so only with ``--rows ... mlp``)
 ensemble               per horizon, the better on validation of ``short`` and ``finetuned``
 last_value             each sensor's last reading, repeated
 historical_average     each sensor's mean speed at the time of day, from the training data
@@ -22,7 +24,9 @@ when their rows are not asked for.
 
 A *budget* (``--budget``: a file in ``budgets/`` or a path) is an overlay of options applied
 on top of every row's config: ``paper`` changes nothing (100 epochs etc.), ``smoke`` trains
-six epochs of ten batches on a smaller synthetic dataset (the paper's model sizes).
+six epochs of ten batches on a smaller synthetic dataset (the paper's model sizes). A
+budget's ``[model]`` options apply to the rows whose model has them (Graph WaveNet's sizes
+leave the ``mlp`` row alone); an option no row's model has is an error.
 ``--epochs``, ``--device`` and the data flags are applied on top of it.
 
 Run directories are ``OUT/runs/<row>/seed<k>`` (``--seeds N`` trains seeds 0..N-1 and reports
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import sys
@@ -54,12 +59,11 @@ import pandas as pd
 
 from gwnet.atomic import atomic_path, atomic_write_text
 from gwnet.cli.common import run_cli
-from gwnet.config import Config, DataConfig, read_config_file, update
+from gwnet.config import Config, DataConfig, fields_with_role, read_config_file, update
 from gwnet.data import load_data
 from gwnet.data.readers import STEP
-from gwnet.engine import MetricAccumulator, RunDir, train
+from gwnet.engine import Interrupted, MetricAccumulator, RunDir, resolve_device, run_finished, train
 from gwnet.engine.baselines import evaluate_baseline
-from gwnet.engine.trainer import Interrupted, resolve_device, run_finished
 from gwnet.ensemble import Ensemble, load_members, plot_mae_by_horizon
 from gwnet.errors import GWNetError, file_error
 
@@ -73,6 +77,7 @@ TRAINED = {
     "improved": "Improved: hyperparameters, cat_feat_gc, fill_zeroes",
     "finetuned": "Improved, pretrained on horizons 1-6, finetuned on 1-12",
     "short": "Improved, horizons 1-6 only (ensemble member)",
+    "mlp": "No graph: per-sensor MLP over the input window",
 }
 ENSEMBLE_ROW = "ensemble"
 ENSEMBLE_MEMBERS = ("short", "finetuned")  # short-horizon first, as the paper combined them
@@ -82,15 +87,19 @@ BASELINES = {
     "historical_average": "Historical average (sensor, time of day)",
 }
 LABELS = {**TRAINED, ENSEMBLE_ROW: "Ensemble: short (1-6) + finetuned, per horizon", **BASELINES}
-ROWS = tuple(LABELS)
+ALL_ROWS = tuple(LABELS)  # table order
+# Rows beyond the paper's table, produced when asked for (--rows ... mlp).
+BEYOND_PAPER = ("mlp",)
+ROWS = tuple(r for r in ALL_ROWS if r not in BEYOND_PAPER)  # the default: the paper's rows
 # The data options of the baselines (horizon 12, the paper's missing-value handling).
 BASELINE_DATA_ROW = "improved"
 
 REPORTED = ("3", "6", "12", "mean")  # horizons of the table; "mean" averages horizons 1..12
 METRICS = ("mae", "rmse", "mape")
 OUTPUTS = ("paper_table.md", "paper_table.csv", "per_horizon.csv", "mae_by_horizon.png")
-# Options that may change between invocations without changing what a run directory holds.
-FREE_OPTIONS = {"out", "train.progress", "train.device", "model.num_nodes"}
+# Roles of options that may change between invocations without changing what a run directory
+# holds: where and how it runs, and what follows from the data.
+FREE_ROLES = ("runtime", "derived")
 
 log = logging.getLogger("paper_table")
 
@@ -116,15 +125,38 @@ class Budget:
         if "preset" in overlay or "out" in overlay:
             # A budget scales a row; which model a row trains and where is the row's business.
             raise file_error(path, "a budget may not set preset or out")
-        update(Config(), overlay, source=str(path))  # unknown options fail here, before any training
-        return cls(path.stem, overlay)
+        budget = cls(path.stem, overlay)
+        budget.check(str(path))  # unknown options fail here, before any training
+        return budget
+
+    def check(self, source: str) -> None:
+        """Every option must be one of gwnet's, and a model option one that some row's model has."""
+        others = {k: v for k, v in self.overlay.items() if k != "model"}
+        update(Config(), others, source=source)
+        options = self.overlay.get("model", {})
+        if not isinstance(options, dict):
+            raise GWNetError(f"{source}: section 'model' must be a table of options")
+        known = set().union(*(_model_fields(row) for row in TRAINED))
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise GWNetError(f"{source}: unknown option model.{unknown[0]} (no row's model has it)")
+
+    def for_row(self, cfg: Config) -> dict[str, Any]:
+        """The overlay as it applies to a row: model options only where the row's model has them."""
+        overlay = copy.deepcopy(self.overlay)
+        if "model" in overlay:
+            mine = {f.name for f in dataclasses.fields(cfg.model)}
+            overlay["model"] = {k: v for k, v in overlay["model"].items() if k in mine}
+        return overlay
 
     def merged(self, overlay: dict[str, Any], name: str | None = None) -> "Budget":
         """This budget with ``overlay``'s options on top (e.g. ``--epochs``, a tiny model)."""
         merged = copy.deepcopy(self.overlay)
         for section, options in overlay.items():
             merged.setdefault(section, {}).update(options)
-        return Budget(name or self.name, merged)
+        budget = Budget(name or self.name, merged)
+        budget.check(f"budget {budget.name}")
+        return budget
 
     def describe(self) -> str:
         """``train.epochs=6, ...`` or ``the configs' own values``."""
@@ -133,11 +165,19 @@ class Budget:
         return ", ".join(items) or "the configs' own values"
 
 
+def _row_file_config(row: str) -> Config:
+    path = CONFIGS / f"{row}.toml"
+    return Config.from_dict(read_config_file(path), source=str(path))
+
+
+def _model_fields(row: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(_row_file_config(row).model)}
+
+
 def row_config(row: str, budget: Budget, source: dict[str, str], seed: int, out: Path) -> Config:
     """The config of a trained row: its file, then the budget, then the data and the seed."""
-    path = CONFIGS / f"{row}.toml"
-    cfg = Config.from_dict(read_config_file(path), source=str(path))
-    update(cfg, budget.overlay, source=f"budget {budget.name}")
+    cfg = _row_file_config(row)
+    update(cfg, budget.for_row(cfg), source=f"budget {budget.name}")
     update(cfg, {"data": source, "train": {"seed": seed}}, source="command line")
     cfg.out = str(run_dir(out, row, seed))
     return cfg.validate()
@@ -168,13 +208,16 @@ def check_same_run(cfg: Config) -> None:
     """Refuse a run directory made with other options: its numbers would not be this row's."""
     root = Path(cfg.out)
     # A pretrain-then-finetune run records its whole pipeline; a plain run its config.
-    saved_path = next((p for p in (root / "pipeline.json", RunDir(root).config) if p.exists()), None)
-    if saved_path is None:
+    saved_path = RunDir(root).saved_config
+    if not saved_path.exists():
         return
     saved = _flat(json.loads(saved_path.read_text()))
     ours = _flat(copy.deepcopy(cfg).resolve().to_dict())
+    free = {f"{section}.{name}" if section else name
+            for section, part in (("", cfg), ("data", cfg.data), ("model", cfg.model), ("train", cfg.train))
+            for name in fields_with_role(part, *FREE_ROLES)}
     differ = [k for k in sorted(set(saved) | set(ours))
-              if k not in FREE_OPTIONS and saved.get(k) != ours.get(k)]
+              if k not in free and saved.get(k) != ours.get(k)]
     if differ:
         shown = ", ".join(f"{k} {saved.get(k)!r} there, {ours.get(k)!r} now" for k in differ[:3])
         raise file_error(root, f"holds a run made with other options ({shown}); "
@@ -199,7 +242,7 @@ def train_row(cfg: Config) -> pd.DataFrame:
     if run_finished(root):
         log.info("%s: complete, skipped", root)
         return pd.read_csv(RunDir(root).test_metrics, index_col=0)
-    resuming = RunDir(root).last.exists() or (root / "pipeline.json").exists()
+    resuming = RunDir(root).last.exists() or RunDir(root).pipeline.exists()
     log.info("%s: %s", root, "resuming" if resuming else "training")
     started = time.perf_counter()
     # resume=True also starts a fresh run: the trainer restarts when there is nothing to resume.
@@ -256,10 +299,10 @@ def run_table(out: str | Path, rows: Sequence[str] = ROWS, budget: Budget | None
     source = source or {}
     unknown = [r for r in rows if r not in LABELS]
     if unknown:
-        raise GWNetError(f"unknown row {unknown[0]!r}; choose from {', '.join(ROWS)}")
+        raise GWNetError(f"unknown row {unknown[0]!r}; choose from {', '.join(ALL_ROWS)}")
     if seeds < 1:
         raise GWNetError(f"--seeds must be at least 1, got {seeds}")
-    rows = [r for r in ROWS if r in rows]  # table order, each once
+    rows = [r for r in ALL_ROWS if r in rows]  # table order, each once
     needed = {r for r in rows if r in TRAINED} | (set(ENSEMBLE_MEMBERS) if ENSEMBLE_ROW in rows else set())
     tables: dict[str, dict[int, pd.DataFrame]] = {r: {} for r in rows}
     # Seed-major: each seed's rows complete before the next seed starts, so an interrupted
@@ -377,8 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sensor graph (DCRNN pickle or distances CSV)")
     parser.add_argument("--key", metavar="KEY", default=None, help="HDF5 key of the speeds frame")
     parser.add_argument("--out", metavar="DIR", default="results", help="output directory (default: results)")
-    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), metavar="ROW",
-                        help=f"rows to produce (default: all): {', '.join(ROWS)}")
+    parser.add_argument("--rows", nargs="+", choices=ALL_ROWS, default=list(ROWS), metavar="ROW",
+                        help=f"rows to produce: {', '.join(ALL_ROWS)} (default: the paper's, all but "
+                             f"{', '.join(BEYOND_PAPER)})")
     parser.add_argument("--budget", default="paper", metavar="NAME|FILE",
                         help="paper (the configs' values), smoke (minutes on a CPU), or an overlay file")
     parser.add_argument("--epochs", type=int, default=None, metavar="N", help="override every row's epochs")

@@ -25,7 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 from gwnet.config import SCALED_SIZES, Config
-from gwnet.engine import Trainer
+from gwnet.engine import make_trainer
 from gwnet.scale import World, launch
 from gwnet.scale.optim import optimizer_state_bytes, tensor_bytes
 
@@ -41,7 +41,7 @@ def measure(preset: str, optimizer: str, args: argparse.Namespace, world: World,
     cfg.model.stable_embedding = True
     t = cfg.train
     t.fsdp, t.device, t.optimizer, t.batch_size, t.progress = True, "cpu", optimizer, args.batch_size, False
-    trainer = Trainer(cfg)
+    trainer = make_trainer(cfg)
     t.batches_per_epoch = 1
     trainer._train_epoch(1)  # warm-up: allocations, optimizer states, compilation
     t.batches_per_epoch = args.steps

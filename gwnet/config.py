@@ -1,10 +1,26 @@
 """One typed configuration tree shared by the command line, the Python API and checkpoints.
 
-``Config`` holds three sections, :class:`DataConfig`, :class:`GWNetConfig` (the model) and
-:class:`TrainConfig`. Every field carries its help text (and allowed values) in its
-``metadata``, so the CLI builds its flags from these classes and a saved ``config.json``
-rebuilds exactly the same run. Presets (``original``, ``improved``, scaled sizes) are
-functions returning filled-in trees; nothing else holds defaults.
+``Config`` holds three sections, :class:`DataConfig`, the model's config (a
+:class:`ModelConfig`: :class:`GWNetConfig` for Graph WaveNet, another dataclass for each model
+registered in :mod:`gwnet.models`) and :class:`TrainConfig`. Every field carries its help
+text, allowed values and *role* in its ``metadata``, so the CLI builds its flags from these
+classes, every compatibility check derives its list of fields from the roles, and a saved
+``config.json`` rebuilds exactly the same run. Presets (``original``, ``improved``, scaled
+sizes, one per registered model) are functions in :data:`gwnet.registry.PRESETS` returning
+filled-in trees; nothing else holds defaults.
+
+Roles (``role=`` of :func:`opt`):
+
+==============  ==============================================================================
+source          where the readings and the graph come from (replaceable at prediction time)
+window          shapes a model's input windows: ensemble members must agree on it
+horizon         how many steps are forecast (members may differ; evaluation keeps the run's)
+derived         filled in from the data by :meth:`Config.resolve`; never a flag
+output          derived from the horizon: may differ between a run and one initialised from it
+regularization  training-only behaviour of the model (dropout): may differ at ``--init-from``
+kernel          another implementation of the same mathematics: may differ at ``--init-from``
+runtime         where and how a run executes, not what it computes (device, progress, loggers)
+==============  ==============================================================================
 """
 from __future__ import annotations
 
@@ -19,16 +35,30 @@ from typing import Any, Optional
 
 from .atomic import atomic_write_text
 from .errors import GWNetError, file_error
+from .registry import LOGGERS, PRESETS
 
 ADJTYPES = ("transition", "doubletransition", "symnadj", "scalap", "normlap", "identity")
+ROLES = ("source", "window", "horizon", "derived", "output", "regularization", "kernel", "runtime")
+# Roles of fields a user never sets: they follow from the data.
+DERIVED_ROLES = ("derived", "output")
 
 
-def opt(default, help: str, choices: tuple | None = None):
-    """A dataclass field whose help text and choices the CLI reads."""
-    meta = {"help": help}
+def opt(default, help: str, choices=None, role: str | None = None):
+    """A dataclass field whose help text, choices (a tuple, or a live registry) and role the
+    CLI and the compatibility checks read."""
+    meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = choices
+    if role is not None:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}")
+        meta["role"] = role
     return field(default=default, metadata=meta)
+
+
+def fields_with_role(cls: Any, *roles: str) -> tuple[str, ...]:
+    """Names of the fields of config dataclass ``cls`` (or of an instance) that have one of ``roles``."""
+    return tuple(f.name for f in fields(cls) if f.metadata.get("role") in roles)
 
 
 @functools.cache
@@ -70,15 +100,17 @@ class DataConfig:
     """Where the readings and the sensor graph come from and how windows are cut."""
 
     dataset: str = opt("synthetic", "named dataset (synthetic, metr-la, pems-bay) or a directory "
-                       "holding a speeds file and a graph file")
-    data: Optional[str] = opt(None, "speeds file (.h5, .csv, .parquet); overrides --dataset")
-    adj: Optional[str] = opt(None, "sensor graph: DCRNN pickle or distances CSV from,to,distance")
-    key: Optional[str] = opt(None, "HDF5 key of the frame, needed when the file holds several")
-    seq_len: int = opt(12, "past steps per input window")
-    horizon: int = opt(12, "future steps to forecast")
-    first_offset: int = opt(1, "steps from the last input to the first target")
-    time_of_day: bool = opt(True, "add the time-of-day fraction as an input feature")
-    day_of_week: bool = opt(False, "add a one-hot day of week (7 features)")
+                       "holding a speeds file and a graph file", role="source")
+    data: Optional[str] = opt(None, "speeds file (.h5, .csv, .parquet); overrides --dataset", role="source")
+    adj: Optional[str] = opt(None, "sensor graph: DCRNN pickle or distances CSV from,to,distance",
+                             role="source")
+    key: Optional[str] = opt(None, "HDF5 key of the frame, needed when the file holds several",
+                             role="source")
+    seq_len: int = opt(12, "past steps per input window", role="window")
+    horizon: int = opt(12, "future steps to forecast", role="horizon")
+    first_offset: int = opt(1, "steps from the last input to the first target", role="window")
+    time_of_day: bool = opt(True, "add the time-of-day fraction as an input feature", role="window")
+    day_of_week: bool = opt(False, "add a one-hot day of week (7 features)", role="window")
     fill_zeroes: bool = opt(True, "replace missing (0) input readings by the training mean")
     adjtype: str = opt("doubletransition", "normalisation of the fixed supports", ADJTYPES)
     normalized_k: float = opt(0.1, "distances CSV: kernel weights below this become 0")
@@ -100,13 +132,34 @@ class DataConfig:
 
 
 @dataclass
-class GWNetConfig:
+class ModelConfig:
+    """What every model's config holds: the sizes that follow from the data (role ``derived``,
+    filled in by :meth:`resolve`). A model registered in :mod:`gwnet.models` subclasses it
+    and adds its hyperparameters, each an :func:`opt` field (they become flags)."""
+
+    num_nodes: int = opt(207, "sensors in the graph", role="derived")
+    in_dim: int = opt(2, "input features per node and step", role="derived")
+    out_dim: int = opt(12, "forecast horizons", role="output")
+    num_supports: int = opt(2, "fixed supports built from the graph", role="derived")
+    seq_len: int = opt(12, "input steps per window", role="derived")
+
+    def resolve(self, data: "DataConfig", num_nodes: int | None = None) -> None:
+        """Fill the derived sizes from the data options (and the graph's size when known)."""
+        self.in_dim = data.in_dim
+        self.out_dim = data.horizon
+        self.seq_len = data.seq_len
+        self.num_supports = data.num_supports
+        if num_nodes is not None:
+            self.num_nodes = num_nodes
+
+    def validate(self) -> None:
+        """Check the hyperparameters; raise :class:`GWNetError` on the first problem."""
+
+
+@dataclass
+class GWNetConfig(ModelConfig):
     """Graph WaveNet hyperparameters (defaults: the improved model of Shleifer et al.)."""
 
-    num_nodes: int = opt(207, "sensors in the graph")
-    in_dim: int = opt(2, "input features per node and step")
-    out_dim: int = opt(12, "forecast horizons")
-    num_supports: int = opt(2, "fixed supports fed to the graph convolution")
     residual_channels: int = opt(40, "channels of the residual stream")
     dilation_channels: int = opt(40, "channels of the gated temporal convolution")
     skip_channels: int = opt(320, "channels of the skip connections")
@@ -114,7 +167,7 @@ class GWNetConfig:
     blocks: int = opt(4, "blocks of dilated layers (dilation resets per block)")
     layers: int = opt(2, "layers per block (dilation 1, 2, 4, ...)")
     kernel_size: int = opt(2, "temporal kernel size")
-    dropout: float = opt(0.3, "dropout in the graph convolution")
+    dropout: float = opt(0.3, "dropout in the graph convolution", role="regularization")
     order: int = opt(2, "diffusion order (powers of each support)")
     do_graph_conv: bool = opt(True, "graph convolution (off: a 1x1 residual convolution)")
     addaptadj: bool = opt(True, "learn an adaptive adjacency softmax(relu(E1 E2))")
@@ -126,7 +179,19 @@ class GWNetConfig:
     stable_embedding: bool = opt(False, "node embeddings as a stable embedding (layer norm, "
                                  "Xavier init), for 8-bit optimizers")
     graph_conv: str = opt("fast", "graph convolution kernel: fast, or dense (reference math)",
-                          ("fast", "dense"))
+                          ("fast", "dense"), role="kernel")
+
+    def validate(self) -> None:
+        positive = {"blocks": self.blocks, "layers": self.layers, "kernel_size": self.kernel_size,
+                    "order": self.order, "apt_size": self.apt_size,
+                    "residual_channels": self.residual_channels}
+        for name, value in positive.items():
+            if value < 1:
+                raise GWNetError(f"{name} must be at least 1, got {value}")
+        if not 0 <= self.dropout < 1:
+            raise GWNetError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.aptonly and not self.addaptadj:
+            raise GWNetError("aptonly needs the adaptive adjacency (addaptadj)")
 
     @property
     def receptive_field(self) -> int:
@@ -177,7 +242,7 @@ class TrainConfig:
     patience: int = opt(20, "early stopping: epochs without a better validation MAE")
     batches_per_epoch: Optional[int] = opt(None, "cap on training batches per epoch")
     seed: int = opt(0, "random seed")
-    device: str = opt("auto", "cpu, cuda, cuda:N or auto")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto", role="runtime")
     precision: str = opt("fp32", "fp32, or bf16 autocast", ("fp32", "bf16"))
     optimizer: str = opt("adam", "adam, adamw, or adamw8bit (block-wise 8-bit states)",
                          ("adam", "adamw", "adamw8bit"))
@@ -190,49 +255,49 @@ class TrainConfig:
                                    "(extra horizons keep their fresh weights)")
     pretrain_horizon: Optional[int] = opt(None, "first train horizons 1..N, then finetune on all "
                                           "horizons from that checkpoint")
-    progress: bool = opt(True, "show progress bars")
+    progress: bool = opt(True, "show progress bars and per-epoch lines", role="runtime")
+    log: Optional[str] = opt(None, "extra epoch loggers, comma-separated (tensorboard: RUN_DIR/tensorboard/)",
+                             role="runtime")
     fsdp: bool = opt(False, "shard with FSDP2 (launch with torchrun)")
     activation_checkpointing: bool = opt(False, "FSDP: recompute each block in backward")
 
-
-PRESETS = ("improved", "original", *SCALED_SIZES)
+    def loggers(self) -> list[str]:
+        """The extra epoch loggers ``log`` names (console lines and metrics.csv are always kept)."""
+        return [name.strip() for name in (self.log or "").split(",") if name.strip()]
 
 
 @dataclass
 class Config:
-    """A whole run: which preset it started from, its output directory and the sections."""
+    """A whole run: which preset it started from, its output directory and the sections.
 
-    preset: str = opt("improved", "model preset", PRESETS)
-    out: Optional[str] = opt(None, "run directory (default: runs/PRESET-TIMESTAMP)")
+    ``arch`` names the registered model (:data:`gwnet.registry.MODELS`) that ``model``
+    configures; it follows from the preset.
+    """
+
+    preset: str = opt("improved", "model preset: a Graph WaveNet size or a registered model", PRESETS)
+    out: Optional[str] = opt(None, "run directory (default: runs/PRESET-TIMESTAMP)", role="runtime")
+    arch: str = opt("gwnet", "the registered model the model section configures", role="derived")
     data: DataConfig = field(default_factory=DataConfig)
-    model: GWNetConfig = field(default_factory=GWNetConfig)
+    model: ModelConfig = field(default_factory=GWNetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @classmethod
     def from_preset(cls, name: str = "improved") -> "Config":
-        """The full tree of a preset: model size plus the training recipe that goes with it."""
-        if name == "improved":
-            return cls(preset=name)
-        if name == "original":
-            # Wu et al.: gradient clipping 5, constant learning rate, zeros kept as inputs.
-            return cls(preset=name, model=GWNetConfig.original(),
-                       data=DataConfig(fill_zeroes=False),
-                       train=TrainConfig(clip=5.0, lr_decay=1.0))
-        if name in SCALED_SIZES:
-            return cls(preset=name, model=GWNetConfig.scaled(name))
-        raise GWNetError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        """The full tree of a preset: the model and its size plus the training recipe that goes
+        with it (see :data:`gwnet.registry.PRESETS`)."""
+        cfg = PRESETS.get_entry(name)()
+        cfg.preset = name
+        return cfg
 
     def resolve(self, num_nodes: int | None = None) -> "Config":
         """Fill the fields that follow from the data (features, horizons, supports) and name
         the run directory if none was given."""
         if self.out is None:
-            self.out = f"runs/{self.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.model.in_dim = self.data.in_dim
-        self.model.out_dim = self.data.horizon
-        # aptonly still receives the fixed supports: the SVD initialisation reads the first.
-        self.model.num_supports = self.data.num_supports
-        if num_nodes is not None:
-            self.model.num_nodes = num_nodes
+            # Microseconds and the process id: runs started in the same second (a seed sweep
+            # in parallel) get directories of their own.
+            stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() // 1000 % 1000000:06d}-{os.getpid()}"
+            self.out = f"runs/{self.preset}-{stamp}"
+        self.model.resolve(self.data, num_nodes)
         return self
 
     def validate(self) -> "Config":
@@ -243,23 +308,23 @@ class Config:
                 choices = f.metadata.get("choices")
                 if choices is not None and value not in choices:
                     raise GWNetError(f"{f.name}={value!r} is not one of {', '.join(choices)}")
-        d, m, t = self.data, self.model, self.train
+        d, t = self.data, self.train
         positive = {"seq_len": d.seq_len, "horizon": d.horizon, "first_offset": d.first_offset,
-                    "epochs": t.epochs, "batch_size": t.batch_size, "blocks": m.blocks,
-                    "layers": m.layers, "kernel_size": m.kernel_size, "order": m.order,
-                    "apt_size": m.apt_size, "residual_channels": m.residual_channels,
+                    "epochs": t.epochs, "batch_size": t.batch_size,
                     "synth_nodes": d.synth_nodes, "synth_days": d.synth_days}
         for name, value in positive.items():
             if value < 1:
                 raise GWNetError(f"{name} must be at least 1, got {value}")
         if not (0 < d.train_ratio < 1 and 0 < d.test_ratio < 1 and d.train_ratio + d.test_ratio < 1):
             raise GWNetError("train_ratio and test_ratio must be in (0, 1) and sum below 1")
-        if not 0 <= m.dropout < 1:
-            raise GWNetError(f"dropout must be in [0, 1), got {m.dropout}")
+        self.model.validate()
         if t.pretrain_horizon is not None and not 1 <= t.pretrain_horizon < d.horizon:
             raise GWNetError(f"pretrain_horizon must be between 1 and horizon-1 ({d.horizon - 1})")
-        if m.aptonly and not m.addaptadj:
-            raise GWNetError("aptonly needs the adaptive adjacency (addaptadj)")
+        for name in self.train.loggers():
+            LOGGERS.get_entry(name, hint=" (train.log)")
+        expected = _preset_arch(self.preset)
+        if self.arch != expected:
+            raise GWNetError(f"arch {self.arch!r} does not match preset {self.preset!r} (a {expected} preset)")
         return self
 
     # --- serialisation: the same dict goes into config.json and every checkpoint ---------
@@ -270,8 +335,17 @@ class Config:
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "Config":
         """Build from a (possibly partial) nested dict; unknown keys are an error."""
         raw = dict(raw)
-        cfg = cls.from_preset(raw.pop("preset", "improved"))
+        preset = raw.pop("preset", "improved")
+        if preset not in PRESETS:
+            arch = raw.get("arch", "gwnet")
+            raise GWNetError(f"{source}: preset {preset!r} ({arch} model) is not registered; import the module "
+                             f"that registers it first (known: {', '.join(PRESETS)})")
+        cfg = cls.from_preset(preset)
+        if raw.get("arch", cfg.arch) != cfg.arch:
+            raise GWNetError(f"{source}: arch {raw['arch']!r} does not match preset {preset!r}")
         update(cfg, raw, source)
+        if "seq_len" not in raw.get("model", {}):  # saved by gwnet 0.1, before models had it
+            cfg.model.seq_len = cfg.data.seq_len
         return cfg
 
     def save(self, path: str | os.PathLike) -> None:
@@ -280,6 +354,37 @@ class Config:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Config":
         return cls.from_dict(read_config_file(path), source=os.fspath(path))
+
+
+# --- Graph WaveNet's presets (other models register theirs in gwnet.models) --------------
+@PRESETS.register("improved")
+def _improved() -> Config:
+    """Shleifer et al.'s model and recipe (every default of the tree)."""
+    return Config(preset="improved")
+
+
+@PRESETS.register("original")
+def _original() -> Config:
+    """Wu et al.: gradient clipping 5, constant learning rate, zeros kept as inputs."""
+    return Config(preset="original", model=GWNetConfig.original(), data=DataConfig(fill_zeroes=False),
+                  train=TrainConfig(clip=5.0, lr_decay=1.0))
+
+
+def _scaled_preset(size: str):
+    def make() -> Config:
+        return Config(preset=size, model=GWNetConfig.scaled(size))
+
+    make.__doc__ = f"Graph WaveNet, {size} size, for sharded training."
+    return make
+
+
+for _size in SCALED_SIZES:
+    PRESETS.add(_size, _scaled_preset(_size))
+
+
+def _preset_arch(name: str) -> str:
+    """The model a preset builds."""
+    return PRESETS.get_entry(name)().arch
 
 
 SECTIONS = ("data", "model", "train")

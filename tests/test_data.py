@@ -371,3 +371,24 @@ def test_cli_inspect_and_errors(tiny_dataset, tmp_path):
     res = _cli("inspect", str(bad))
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and str(bad) in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_registered_reader_is_read_and_checked_like_the_built_in_ones(tmp_path):
+    from gwnet.data import register_reader
+    from gwnet.registry import READERS
+
+    @register_reader(".tsv")
+    def read_tsv(path, key, dtype):
+        return pd.read_csv(path, sep="\t", index_col=0, parse_dates=True)
+
+    try:
+        df = make_speeds(steps=20, nodes=3)
+        df.iloc[3, 1] = np.nan
+        df.to_csv(tmp_path / "speeds.tsv", sep="\t")
+        with pytest.warns(UserWarning, match="1 NaN readings treated as missing"):
+            got = read_speeds(tmp_path / "speeds.tsv")
+        assert got.shape == (20, 3) and got.iloc[3, 1] == 0.0 and got.dtypes.iloc[0] == np.float32
+    finally:
+        READERS.remove(".tsv")
+    with pytest.raises(GWNetError, match=r"speeds must be one of \.h5, \.hdf5, \.hdf, \.csv, \.parquet, \.pq"):
+        read_speeds(tmp_path / "speeds.tsv")

@@ -4,6 +4,7 @@ run directories made with other options, and the summary over seeds."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import sys
 from pathlib import Path
@@ -152,3 +153,21 @@ def test_summary_over_seeds_is_mean_and_std():
     assert summary.loc["improved", "mape_pct_mean"] == pytest.approx(3.0)
     markdown = pt.to_markdown(summary, "caption")
     assert "| 3.00 \u00b1 1.41 | 6.00 \u00b1 2.83 | 3.00 \u00b1 1.41 |" in markdown
+
+
+def test_mlp_row_is_trained_through_the_registry_and_ignores_gwnet_sizes(table, tmp_path):
+    # The tiny budget's model options are Graph WaveNet's: the MLP row keeps its own sizes.
+    result = pt.run_table(tmp_path / "mlp", rows=["mlp", "last_value"], budget=table.budget,
+                          source=table.source)
+    assert list(result.summary.index) == ["mlp", "last_value"]
+    assert result.summary.loc["mlp", "label"] == pt.LABELS["mlp"]
+    saved = json.loads((tmp_path / "mlp" / "runs" / "mlp" / "seed0" / "config.json").read_text())
+    assert saved["arch"] == "mlp" and saved["model"]["hidden_channels"] == 128
+    assert result.summary.loc["mlp", "mae_mean"] > 0 and np.isfinite(result.summary.loc["mlp", "mae_mean"])
+
+
+def test_budget_model_option_of_no_row_is_refused(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nresidual_chanels = 3\n")
+    with pytest.raises(GWNetError, match="unknown option model.residual_chanels"):
+        pt.Budget.load(str(bad))

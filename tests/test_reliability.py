@@ -20,7 +20,7 @@ import torch
 from conftest import make_speeds
 from gwnet.cli.data import main as data_main
 from gwnet.engine import RunDir, load_checkpoint, save_checkpoint
-from gwnet.engine.trainer import run_finished
+from gwnet.engine.pipeline import run_finished
 from gwnet.errors import GWNetError
 
 

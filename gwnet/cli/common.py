@@ -1,7 +1,9 @@
 """What every command shares: flags built from the config dataclasses, and error handling.
 
 Each field of :class:`~gwnet.config.Config` becomes a ``--flag`` with the field's help text
-and choices, so the CLI can never drift from the API. Precedence: preset < ``--config`` file
+and choices, so the CLI can never drift from the API; the model section's flags are those of
+the chosen model's config class (see :func:`model_config_class`). Fields that follow from the
+data (roles ``derived`` and ``output``) get no flag. Precedence: preset < ``--config`` file
 < flags.
 """
 from __future__ import annotations
@@ -13,13 +15,32 @@ import warnings
 from dataclasses import fields
 from typing import Any, Callable
 
-from ..config import (SECTIONS, Config, DataConfig, GWNetConfig, TrainConfig, field_types, read_config_file,
-                      update)
+from ..config import (DERIVED_ROLES, SECTIONS, Config, DataConfig, ModelConfig, TrainConfig, field_types,
+                      read_config_file, update)
 from ..errors import GWNetError
+from ..registry import PRESETS
 
-# Fields that are derived from the data, not chosen by the user.
-DERIVED = {("model", "num_nodes"), ("model", "in_dim"), ("model", "out_dim"), ("model", "num_supports")}
-SECTION_CLASSES = {"data": DataConfig, "model": GWNetConfig, "train": TrainConfig}
+
+def section_classes(model: type[ModelConfig]) -> dict[str, type]:
+    return {"data": DataConfig, "model": model, "train": TrainConfig}
+
+
+def model_config_class(argv: list[str] | None, base: Config | None = None) -> type[ModelConfig]:
+    """The config class of the model the command line asks for, read before the full parser is
+    built (its flags depend on it): ``--model``, else a ``--config`` file's preset, else
+    ``base``'s model (a resumed run's), else the default preset's."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--model", dest="preset", default=None)
+    pre.add_argument("--config", dest="config_file", default=None)
+    known, _ = pre.parse_known_args(argv)
+    preset = known.preset
+    if preset is None and known.config_file:
+        preset = read_config_file(known.config_file).get("preset")
+    if preset is None:
+        return type(base.model) if base is not None else type(Config.from_preset().model)
+    if preset not in PRESETS:
+        return type(Config.from_preset().model)  # argparse then names the valid choices
+    return type(Config.from_preset(preset).model)
 
 
 def _parse_optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -30,9 +51,9 @@ def _parse_optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def add_field(group, section: str | None, f) -> None:
+def add_field(group, section: str | None, f, model: type[ModelConfig] = ModelConfig) -> None:
     """Add the flag of config field ``f`` (of ``section``, or of the top level when None)."""
-    kind, optional = field_types(SECTION_CLASSES[section] if section else Config)[f.name]
+    kind, optional = field_types(section_classes(model)[section] if section else Config)[f.name]
     flag = "--" + ("model" if f.name == "preset" else f.name.replace("_", "-"))
     dest = f"{section}.{f.name}" if section else f.name
     kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=f.metadata.get("help"))
@@ -48,20 +69,24 @@ def add_field(group, section: str | None, f) -> None:
     group.add_argument(flag, **kw)
 
 
-def add_config_flags(parser: argparse.ArgumentParser, sections=SECTIONS, top: bool = True) -> None:
-    """Add ``--config`` and one flag per config field of ``sections``."""
+def add_config_flags(parser: argparse.ArgumentParser, sections=SECTIONS, top: bool = True,
+                     model: type[ModelConfig] | None = None) -> None:
+    """Add ``--config`` and one flag per config field of ``sections`` (the model section's
+    from ``model``, default: the default preset's model)."""
+    model = model or type(Config.from_preset().model)
     parser.add_argument("--config", dest="config_file", default=None, metavar="FILE",
                         help="TOML, YAML or JSON file of options (flags override it)")
     if top:
         group = parser.add_argument_group("run")
         for f in fields(Config):
-            if f.name not in SECTIONS:
+            if f.name not in SECTIONS and f.metadata.get("role") not in DERIVED_ROLES:
                 add_field(group, None, f)
     for section in sections:
-        group = parser.add_argument_group(section)
-        for f in fields(SECTION_CLASSES[section]):
-            if (section, f.name) not in DERIVED:
-                add_field(group, section, f)
+        title = f"model ({model.__name__}; another --model has other options)" if section == "model" else section
+        group = parser.add_argument_group(title)
+        for f in fields(section_classes(model)[section]):
+            if f.metadata.get("role") not in DERIVED_ROLES:
+                add_field(group, section, f, model)
 
 
 def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:

@@ -1,6 +1,6 @@
 """``gwnet-predict``: forecast with one trained model or an ensemble of several.
 
-Loads run directories, checks that they read the same windows of the same sensors, combines
+Loads run directories (of any registered model), checks that they read the same windows of the same sensors, combines
 them per horizon (mean, the best member per horizon on validation, or NNLS weights fitted on
 validation) and writes OUT_DIR: predictions.csv or .parquet (origin_time, target_time,
 sensor_id, horizon, prediction, actual), metrics.csv, ensemble.json/.csv (the weights each
@@ -15,6 +15,7 @@ import pandas as pd
 
 from ..config import DataConfig
 from ..ensemble import FORMATS, STRATEGIES, Ensemble, load_members, run
+from ..ensemble.members import SOURCE_FIELDS
 from .common import add_field, run_cli
 
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--latest", action="store_true",
                        help="forecast the next horizons after the last readings (no actuals)")
     parser.add_argument("--strategy", choices=STRATEGIES, default="per-horizon",
+                        metavar="{" + ",".join(STRATEGIES) + "}",
                         help="how members combine per horizon; per-horizon and weighted are fitted "
                              "on the data's validation split (default: per-horizon)")
     parser.add_argument("--format", choices=FORMATS, default="csv", help="predictions file format")
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     group = parser.add_argument_group("data (as gwnet-train takes it)")
     for f in fields(DataConfig):
-        if f.name in ("dataset", "data", "adj", "key"):
+        if f.name in SOURCE_FIELDS:
             add_field(group, "data", f)
     return parser
 
@@ -63,7 +65,7 @@ def weights_table(ensemble: Ensemble) -> pd.DataFrame:
 
 @run_cli("gwnet-predict")
 def main(argv: list[str] | None = None) -> int:
-    from ..engine.trainer import resolve_device
+    from ..engine.device import resolve_device
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -5,13 +5,13 @@ window views -> batches``; :func:`load_data` runs all of it for a :class:`~gwnet
 """
 from .datasets import TrafficData, load_data, resolve_paths
 from .graph import SensorGraph, align_graph, gaussian_kernel_adjacency, read_graph
-from .readers import check_speeds, read_speeds
+from .readers import check_speeds, read_speeds, register_reader
 from .scaler import StandardScaler
 from .supports import build_supports, to_torch
 from .windows import SPLITS, Windows, split_sizes
 
 __all__ = [
     "TrafficData", "load_data", "resolve_paths", "SensorGraph", "align_graph",
-    "gaussian_kernel_adjacency", "read_graph", "check_speeds", "read_speeds", "StandardScaler",
+    "gaussian_kernel_adjacency", "read_graph", "check_speeds", "read_speeds", "register_reader", "StandardScaler",
     "build_supports", "to_torch", "SPLITS", "Windows", "split_sizes",
 ]

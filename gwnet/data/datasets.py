@@ -17,7 +17,8 @@ import torch
 from ..config import DataConfig
 from ..errors import GWNetError, file_error
 from .graph import SensorGraph, align_graph, read_graph
-from .readers import HDF5_EXTS, read_speeds
+from ..registry import READERS
+from .readers import read_speeds
 from .scaler import StandardScaler
 from .supports import build_supports
 from .windows import Series, Windows, build_series, make_splits
@@ -27,7 +28,11 @@ NAMED = {
     "metr-la": dict(data="metr-la.h5", key="df", adj="sensor_graph/adj_mx.pkl"),
     "pems-bay": dict(data="pems-bay.h5", key="speed", adj="sensor_graph/adj_mx_bay.pkl"),
 }
-SPEED_EXTS = (*HDF5_EXTS, ".parquet", ".pq")
+
+def speed_extensions() -> tuple[str, ...]:
+    """What a dataset directory's speeds file may end in: any registered format but CSV, which
+    in such a directory is the distances graph."""
+    return tuple(ext for ext in READERS if ext != ".csv")
 
 
 def data_root() -> Path:
@@ -51,7 +56,7 @@ def synthetic_dir(cfg: DataConfig) -> Path:
 
 def _find_in_dir(folder: Path) -> tuple[Path, Path]:
     """The one speeds file and the graph file in a dataset directory."""
-    speeds = sorted(p for p in folder.iterdir() if p.suffix.lower() in SPEED_EXTS)
+    speeds = sorted(p for p in folder.iterdir() if p.suffix.lower() in speed_extensions())
     if len(speeds) != 1:
         found = ", ".join(p.name for p in speeds) or "none"
         raise file_error(folder, f"expected one speeds file (.h5/.parquet), found {found}; pass --data")

@@ -2,6 +2,9 @@
 
 Every reader returns the same thing: a float32 ``DataFrame`` with a regular 5-minute
 ``DatetimeIndex`` and one string-named column per sensor, where 0.0 marks a missing reading.
+Readers are registered by file extension in :data:`gwnet.registry.READERS`: a new format is
+one function ``(path, key, dtype) -> DataFrame`` decorated with ``@register_reader(".ext")``;
+:func:`read_speeds` then checks what it returns like any other.
 The HDF5 files are read with h5py alone: pandas' fixed layout is a group holding ``axis0``
 (column labels), ``axis1`` (timestamps as integers) and ``block{i}_items``/``block{i}_values``.
 """
@@ -9,14 +12,27 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pandas as pd
 
 from ..errors import GWNetError, file_error
+from ..registry import READERS
 
 STEP = pd.Timedelta(minutes=5)
 HDF5_EXTS = (".h5", ".hdf5", ".hdf")
+Reader = Callable[[str, Optional[str], Any], pd.DataFrame]
+
+
+def register_reader(*extensions: str) -> Callable[[Reader], Reader]:
+    """Decorator registering ``reader(path, key, dtype)`` for files ending in ``extensions``."""
+    def deco(reader: Reader) -> Reader:
+        for ext in extensions:
+            READERS.add(ext.lower(), reader)
+        return reader
+
+    return deco
 
 
 def _text(value) -> str:
@@ -73,6 +89,7 @@ def _read_fixed_frame(path: str, group, dtype) -> pd.DataFrame:
     return pd.DataFrame(values, index=index, columns=columns)
 
 
+@register_reader(*HDF5_EXTS)
 def read_hdf5(path: str, key: str | None = None, dtype=np.float32) -> pd.DataFrame:
     """Read a frame from a pandas fixed-format HDF5 file; ``key`` is needed if it holds several."""
     import h5py
@@ -97,6 +114,18 @@ def read_hdf5(path: str, key: str | None = None, dtype=np.float32) -> pd.DataFra
             return _read_fixed_frame(path, h5[key], dtype)
         except OSError:
             raise file_error(path, "cannot read the frame (truncated file?)") from None
+
+
+@register_reader(".csv")
+def read_csv(path: str, key: str | None = None, dtype=np.float32) -> pd.DataFrame:
+    """A CSV table: timestamps in the first column, one column per sensor id."""
+    return _read_table(path, ".csv")
+
+
+@register_reader(".parquet", ".pq")
+def read_parquet(path: str, key: str | None = None, dtype=np.float32) -> pd.DataFrame:
+    """A Parquet table: a timestamp index (or first column), one column per sensor id."""
+    return _read_table(path, ".parquet")
 
 
 def _read_table(path: str, ext: str) -> pd.DataFrame:
@@ -124,7 +153,8 @@ def _read_table(path: str, ext: str) -> pd.DataFrame:
 
 
 def read_speeds(path: str | os.PathLike, key: str | None = None, dtype=np.float32) -> pd.DataFrame:
-    """Read a speed table (time x sensors) from ``.h5``, ``.csv`` or ``.parquet`` and check it.
+    """Read a speed table (time x sensors) with the reader registered for its extension
+    (``.h5``, ``.csv``, ``.parquet``, ...) and check it.
 
     ``dtype`` is float32 for modelling; exports that must match other tools bit for bit read
     float64.
@@ -139,13 +169,9 @@ def read_speeds(path: str | os.PathLike, key: str | None = None, dtype=np.float3
     if os.path.getsize(path) == 0:
         raise file_error(path, "file is empty")
     ext = os.path.splitext(path)[1].lower()
-    if ext in HDF5_EXTS:
-        frame = read_hdf5(path, key, dtype)
-    elif ext in (".csv", ".parquet", ".pq"):
-        frame = _read_table(path, ".csv" if ext == ".csv" else ".parquet")
-    else:
-        raise file_error(path, "speeds must be .h5/.hdf5, .csv or .parquet")
-    return check_speeds(frame, path, dtype)
+    if ext not in READERS:
+        raise file_error(path, f"speeds must be one of {', '.join(READERS)} files")
+    return check_speeds(READERS[ext](path, key, dtype), path, dtype)
 
 
 def check_speeds(frame: pd.DataFrame, source: str = "data", dtype=np.float32) -> pd.DataFrame:

@@ -1,11 +1,14 @@
 """Checkpoint files and the run directory they live in.
 
-A run directory holds ``config.json``, ``best.pt`` (the best model by validation MAE, with
-everything needed to predict: config, scaler, sensor ids), ``last.pt`` (the same plus the
-optimizer, scheduler, random states and early-stopping counters, for ``--resume``),
-``metrics.csv`` and ``test_metrics.csv``. Every file is written atomically. Checkpoints
-carry a format tag and version; anything else is refused with a clear message, and loading
-never unpickles arbitrary objects (``weights_only=True``).
+A run directory (:class:`RunDir` owns every name in it) holds ``config.json``, ``best.pt``
+(the best model by validation MAE, with everything needed to predict: config, including the
+model's registered name and its config, scaler, sensor ids, graph), ``last.pt`` (the same
+plus the optimizer, scheduler, random states and early-stopping counters, for ``--resume``),
+``metrics.csv`` and ``test_metrics.csv``; with ``--log tensorboard`` a ``tensorboard/``
+folder; a pretrain-then-finetune run also ``pipeline.json`` and the pretraining stage in
+``pretrain-hK/``; a sharded run its ``last-shards-a``/``-b`` folders. Every file is written
+atomically. Checkpoints carry a format tag and version; anything else is refused with a clear
+message, and loading never unpickles arbitrary objects (``weights_only=True``).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..atomic import atomic_path
 from ..errors import file_error
 
@@ -55,7 +58,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 class RunDir:
-    """Paths of a run directory."""
+    """Paths of a run directory: the one place their names are spelled."""
+
+    SHARD_DIRS = ("last-shards-a", "last-shards-b")  # a sharded run's checkpoints, in turn
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -65,6 +70,26 @@ class RunDir:
     last = property(lambda self: self.root / "last.pt")
     metrics = property(lambda self: self.root / "metrics.csv")
     test_metrics = property(lambda self: self.root / "test_metrics.csv")
+    tensorboard = property(lambda self: self.root / "tensorboard")
+    # A pretrain-then-finetune run: the whole pipeline's config, beside the finetuning stage's.
+    pipeline = property(lambda self: self.root / "pipeline.json")
+
+    def pretrain(self, horizon: int) -> "RunDir":
+        """The pretraining stage (horizons ``1..horizon``) of a pretrain-then-finetune run."""
+        return RunDir(self.root / f"pretrain-h{horizon}")
+
+    def shards(self, name: str) -> Path:
+        """A sharded checkpoint's folder (one of :attr:`SHARD_DIRS`: a name read from ``last.pt``
+        never leads outside the run directory)."""
+        if name not in self.SHARD_DIRS:
+            raise file_error(self.last, f"names {name!r} as its sharded checkpoint, not one of "
+                             f"{', '.join(self.SHARD_DIRS)}")
+        return self.root / name
+
+    @property
+    def saved_config(self) -> Path:
+        """The config that describes the whole run: the pipeline's if there is one."""
+        return self.pipeline if self.pipeline.exists() else self.config
 
     def holds_run(self) -> bool:
         return self.config.exists() or self.last.exists() or self.best.exists()

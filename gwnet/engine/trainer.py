@@ -1,73 +1,57 @@
 """The training loop: masked-MAE training, validation, early stopping, checkpoints, resume.
 
-:class:`Trainer` runs one stage (one horizon count) into one run directory. :func:`train`
-adds short-horizon pretraining on top: with ``pretrain_horizon`` it trains horizons
-``1..k`` into ``RUN_DIR/pretrain-hk`` and then finetunes all horizons from that checkpoint
-into ``RUN_DIR``. Researchers can pass their own ``model`` or ``loss_fn`` to the Trainer.
+:class:`Trainer` runs one stage (one horizon count) of any registered model into one run
+directory; :mod:`gwnet.engine.pipeline` chains stages (pretrain, then finetune) and picks
+the sharded trainer. Researchers can pass their own ``model`` (build it through a registered
+model for the run to be reloadable), ``loss_fn`` or ``listeners``.
 
 Resume is exact on CPU: ``last.pt`` holds the optimizer, scheduler, both random states and
 the early-stopping counters, and an interrupted epoch's batch order and position.
 
-With ``train.fsdp`` a Trainer is :class:`gwnet.scale.trainer.ShardedTrainer`, which fills in
-the hooks below (the rank's share of a batch, sums over processes, sharded state); here they
-are those of a single process.
+:class:`gwnet.scale.trainer.ShardedTrainer` (``train.fsdp``) fills in the hooks below (the
+rank's share of a batch, sums over processes, sharded state); here they are those of a
+single process.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 import signal
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path
-from ..config import Config, DataConfig, TrainConfig
-from ..data import TrafficData, build_supports, load_data, to_torch
-from ..data.scaler import StandardScaler
-from ..data.windows import Windows
+from ..config import Config, fields_with_role
+from ..data import TrafficData, load_data
 from ..errors import GWNetError, file_error
-from ..nn import GWNet, load_for_more_horizons
-from ..scale.world import is_main_process
+from ..models import build_model_from_config, model_spec
+from ..nn import load_for_more_horizons
 from .checkpoint import RunDir, load_checkpoint, save_checkpoint
+from .device import autocast, resolve_device
+from .inference import split_metrics
+from .listeners import EpochListener, make_listeners
 from .metrics import MetricAccumulator, masked_mae
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-# Data fields that shape a model's input windows and targets.
-WINDOW_FIELDS = ("seq_len", "horizon", "first_offset", "time_of_day", "day_of_week")
-# Model fields that may differ between a pretrained run and the run initialised from it.
-INIT_FREE_FIELDS = {"out_dim", "dropout", "graph_conv"}
+# Model options that may differ between a pretrained run and the run initialised from it.
+INIT_FREE_ROLES = ("output", "regularization", "kernel")
 
 
 class Interrupted(Exception):
     """Raised after SIGINT/SIGTERM once ``last.pt`` holds the exact position to resume from."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise GWNetError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GWNetError(f"device {name!r} asked for, but no CUDA device is available")
-    return device
-
-
-def build_model(cfg: Config, data: TrafficData) -> GWNet:
-    """A fresh GWNet for ``data``'s graph, seeded by ``cfg.train.seed``."""
+def build_model(cfg: Config, data: TrafficData) -> torch.nn.Module:
+    """A fresh model of ``cfg.arch`` for ``data``'s graph, seeded by ``cfg.train.seed``."""
     torch.manual_seed(cfg.train.seed)
-    supports = to_torch(data.supports(), dense=cfg.model.graph_conv == "dense")
-    return GWNet(cfg.model, supports)
+    return build_model_from_config(cfg, data.supports())
 
 
 @dataclass
@@ -100,17 +84,15 @@ class Trainer:
     # Processes that share each batch; only the first writes files and prints.
     world_size = 1
     is_main = True
-
-    def __new__(cls, cfg: Config, *args, **kwargs):
-        if cls is Trainer and cfg.train.fsdp:
-            from ..scale.trainer import ShardedTrainer
-
-            cls = ShardedTrainer
-        return super().__new__(cls)
+    sharded = False  # True for gwnet.scale.trainer.ShardedTrainer
 
     def __init__(self, cfg: Config, data: TrafficData | None = None, model: torch.nn.Module | None = None,
-                 loss_fn: LossFn = masked_mae, resume: bool = False):
+                 loss_fn: LossFn = masked_mae, resume: bool = False,
+                 listeners: Sequence[EpochListener] = ()):
         cfg.validate()
+        if cfg.train.fsdp and not self.sharded:
+            raise GWNetError("train.fsdp needs the sharded trainer: use gwnet.train(cfg) or "
+                             "gwnet.engine.make_trainer(cfg) under torchrun")
         self.cfg = cfg
         self.data = data if data is not None else load_data(cfg.data)
         cfg.resolve(num_nodes=self.data.num_nodes)
@@ -137,6 +119,9 @@ class Trainer:
             self._restore()
         elif self.is_main:
             cfg.save(self.run.config)
+        # Only the main process reports; its listeners are built last, so that a logger that
+        # cannot start (a missing package) fails before any training.
+        self.listeners: list[EpochListener] = [*make_listeners(self), *listeners] if self.is_main else []
 
     # --- hooks: one process here, several in gwnet.scale.trainer.ShardedTrainer -------------
     def _prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -191,15 +176,8 @@ class Trainer:
                    "epoch": p.epoch, "best_val_mae": p.best_val_mae, "best_epoch": p.best_epoch,
                    "bad_epochs": p.bad_epochs, "finished": p.finished, "history": p.history,
                    "partial": p.partial}
-        if not self.is_main:
-            return
-        save_checkpoint(self.run.last, payload)
-        self._write_metrics()
-
-    def _write_metrics(self) -> None:
-        """metrics.csv, derived from the history in last.pt (written after it)."""
-        with atomic_path(self.run.metrics) as tmp:
-            pd.DataFrame(self.progress.history).to_csv(tmp, index=False)
+        if self.is_main:
+            save_checkpoint(self.run.last, payload)
 
     def _restore(self) -> None:
         state = load_checkpoint(self.run.last, map_location="cpu")
@@ -214,8 +192,6 @@ class Trainer:
                                   best_epoch=state["best_epoch"], bad_epochs=state["bad_epochs"],
                                   history=list(state["history"]), partial=state["partial"],
                                   finished=bool(state.get("finished")))
-        if self.is_main:  # a kill between last.pt and metrics.csv leaves the CSV an epoch behind
-            self._write_metrics()
 
     # --- the loop ------------------------------------------------------------------------
     @contextmanager
@@ -304,6 +280,15 @@ class Trainer:
                              self.device)
 
     def fit(self) -> RunResult:
+        try:
+            for listener in self.listeners:
+                listener.on_fit_start(self)
+            return self._fit()
+        finally:
+            for listener in self.listeners:
+                listener.close()
+
+    def _fit(self) -> RunResult:
         t, p = self.cfg.train, self.progress
         # A run killed after its last epoch but before its test metrics only needs _finish().
         epochs = range(p.epoch + 1, t.epochs + 1) if not p.finished else range(0)
@@ -324,15 +309,14 @@ class Trainer:
                 else:
                     p.bad_epochs += 1
                 seconds = time.perf_counter() - started
-                p.history.append({"epoch": epoch, **{(k if k.startswith("grad") else f"train_{k}"): v
-                                                     for k, v in train.items()},
-                                  **{f"val_{k}": v for k, v in val.items()}, "lr": lr, "seconds": seconds})
+                record = {"epoch": epoch, **{(k if k.startswith("grad") else f"train_{k}"): v
+                                             for k, v in train.items()},
+                          **{f"val_{k}": v for k, v in val.items()}, "lr": lr, "seconds": seconds}
+                p.history.append(record)
                 p.finished = p.bad_epochs >= t.patience or epoch == t.epochs
                 self._save_last()
-                if t.progress and self.is_main:
-                    tqdm.write(f"epoch {epoch:3d}/{t.epochs}  train mae {train['mae']:.4f}  "
-                               f"val mae {val['mae']:.4f}  lr {lr:.2e}  {seconds:.1f}s"
-                               + ("  *" if improved else ""))
+                for listener in self.listeners:
+                    listener.on_epoch_end(self, dict(record), improved)
                 if p.finished:
                     break
             if not p.finished:  # resumed a run whose last epoch was already done
@@ -349,39 +333,6 @@ class Trainer:
                 table.to_csv(tmp)
         return RunResult(self.run.root, self.progress.best_epoch, self.progress.best_val_mae, table,
                          pd.DataFrame(self.progress.history))
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast when asked for; fp32 runs untouched."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-@torch.no_grad()
-def forecast(model: torch.nn.Module, x: torch.Tensor, scaler: StandardScaler, t: TrainConfig,
-             device: torch.device) -> torch.Tensor:
-    """``(B, horizon, N)`` forecast in real units, clamped to the physical range, on the CPU."""
-    with autocast(device, t.precision):
-        out = model(x.to(device))
-    return scaler.inverse_transform(out.float()).clamp(t.clamp_min, t.clamp_max).cpu()
-
-
-def predict_batches(model: torch.nn.Module, windows: Windows, scaler: StandardScaler, t: TrainConfig,
-                    device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(forecast, target)`` per batch of a split (see :func:`forecast`)."""
-    model.eval()
-    for x, y in windows.batches(t.batch_size, scaler=scaler):
-        yield forecast(model, x, scaler, t, device), y
-
-
-def split_metrics(model: torch.nn.Module, windows: Windows, scaler: StandardScaler, t: TrainConfig,
-                  device: torch.device) -> MetricAccumulator:
-    """Clamped, masked metrics of ``model`` over every window of a split."""
-    acc = MetricAccumulator(windows.horizon, t.null_value)
-    for pred, y in predict_batches(model, windows, scaler, t, device):
-        acc.update(pred, y)
-    return acc
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -402,101 +353,15 @@ def init_from_run(model: torch.nn.Module, cfg: Config, data: TrafficData, run_di
     state = load_checkpoint(path)
     if state["sensor_ids"] != data.sensor_ids:
         raise file_error(path, "was trained on a different sensor graph than this run's data")
+    if state["config"].get("arch", "gwnet") != cfg.arch:
+        raise file_error(path, f"holds a {state['config'].get('arch', 'gwnet')} model, this run trains {cfg.arch}")
     theirs = state["config"]["model"]
     ours = cfg.to_dict()["model"]
-    differ = [k for k in ours if k not in INIT_FREE_FIELDS and theirs.get(k) != ours[k]]
+    free = fields_with_role(cfg.model, *INIT_FREE_ROLES)
+    differ = [k for k in ours if k not in free and theirs.get(k) != ours[k]]
     if differ:
         shown = ", ".join(f"{k} {theirs.get(k)!r} vs {ours[k]!r}" for k in differ[:3])
         raise file_error(path, f"model does not match this run's ({shown})")
     if theirs["out_dim"] > ours["out_dim"]:
         raise file_error(path, f"has {theirs['out_dim']} horizons, more than this run's {ours['out_dim']}")
-    load_for_more_horizons(model, state["model"])
-
-
-def run_finished(run_dir: str | Path) -> bool:
-    """Whether a run directory holds a finished run with its test metrics."""
-    rd = RunDir(run_dir)
-    if not rd.last.exists():
-        return False
-    return bool(load_checkpoint(rd.last).get("finished")) and rd.test_metrics.exists()
-
-
-def _run_stage(cfg: Config, data: TrafficData | None, **kw) -> RunResult:
-    """Run, resume or (when complete) reload one stage."""
-    rd = RunDir(cfg.out)
-    if run_finished(rd.root):
-        state = load_checkpoint(rd.last)
-        return RunResult(rd.root, state["best_epoch"], state["best_val_mae"],
-                         pd.read_csv(rd.test_metrics, index_col=0), pd.DataFrame(state["history"]))
-    return Trainer(cfg, data, resume=rd.last.exists(), **kw).fit()
-
-
-def train(cfg: Config, data: TrafficData | None = None, resume: bool = False, **kw) -> RunResult:
-    """Train as ``cfg`` says; with ``train.pretrain_horizon`` first pretrain, then finetune.
-
-    ``resume=True`` continues whatever stage was interrupted. ``kw`` goes to :class:`Trainer`
-    (``model``, ``loss_fn``).
-    """
-    cfg = copy.deepcopy(cfg)
-    k = cfg.train.pretrain_horizon
-    if k is None:
-        return Trainer(cfg, data, resume=resume, **kw).fit()
-    cfg.validate().resolve()
-    if resume and run_finished(Path(cfg.out)):
-        raise file_error(cfg.out, "run already finished; nothing to resume")
-    pre = copy.deepcopy(cfg)
-    pre.out = str(Path(cfg.out) / f"pretrain-h{k}")
-    pre.data.horizon = k
-    pre.train.pretrain_horizon = None
-    if is_main_process():
-        if not resume and RunDir(cfg.out).holds_run():
-            raise file_error(cfg.out, "already holds a run; resume it with --resume or choose another --out")
-        RunDir(cfg.out).check_writable()
-        cfg.save(RunDir(cfg.out).root / "pipeline.json")
-    _run_stage(pre, None if data is None else _with_horizon(data, k), **kw)
-    fine = copy.deepcopy(cfg)
-    fine.train.init_from = pre.out
-    return _run_stage(fine, data, **kw)
-
-
-def _with_horizon(data: TrafficData, horizon: int) -> TrafficData:
-    cfg = copy.deepcopy(data.config)
-    cfg.horizon = horizon
-    return TrafficData.from_frames(data.speeds, data.graph, cfg, source=data.source)
-
-
-def evaluate(run_dir: str | Path, data: DataConfig | TrafficData | None = None, split: str = "test",
-             device: str = "auto") -> pd.DataFrame:
-    """Per-horizon test metrics (plus the mean row) of a run's best model on ``data``.
-
-    ``data`` defaults to the data the run was trained on; a :class:`DataConfig` or a loaded
-    :class:`TrafficData` evaluates on other readings of the same sensors, scaled as in training.
-    """
-    device = resolve_device(device)
-    model, cfg, scaler, sensor_ids = load_trained(run_dir, device)
-    if not isinstance(data, TrafficData):
-        # Other readings, but the windows and features the model was trained on.
-        window = {name: getattr(cfg.data, name) for name in WINDOW_FIELDS}
-        data = load_data(dataclasses.replace(data or cfg.data, **window), scaler=scaler)
-    elif any(getattr(data.config, name) != getattr(cfg.data, name) for name in WINDOW_FIELDS):
-        raise GWNetError(f"{data.source}: windows or features differ from those of run {run_dir}")
-    if data.sensor_ids != sensor_ids:
-        raise GWNetError(f"{data.source}: sensors differ from those of run {run_dir}")
-    return split_metrics(model, data.windows[split], scaler, cfg.train, device).table()
-
-
-def load_trained(run_dir: str | Path,
-                 device: str | torch.device = "cpu") -> tuple[GWNet, Config, StandardScaler, list[str]]:
-    """Rebuild the model of a run directory: ``(model in eval mode, config, scaler, sensor ids)``."""
-    rd = RunDir(run_dir)
-    if not rd.root.is_dir():
-        raise file_error(rd.root, "no such run directory")
-    state = load_checkpoint(rd.best, map_location="cpu")  # the supports are built with scipy
-    cfg = Config.from_dict(state["config"], source=str(rd.root))
-    scaler = StandardScaler(**state["scaler"])
-    sensor_ids = list(state["sensor_ids"])
-    supports = to_torch(build_supports(state["adjacency"].numpy(), cfg.data.adjtype),
-                        dense=cfg.model.graph_conv == "dense")
-    model = GWNet(cfg.model, supports)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg, scaler, sensor_ids
+    load_for_more_horizons(model, state["model"], str(path), head=model_spec(cfg.arch).horizon_head)

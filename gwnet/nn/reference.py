@@ -74,18 +74,19 @@ def load_reference_checkpoint(path: Union[str, os.PathLike],
 
 
 def load_for_more_horizons(model: nn.Module, state_dict: dict[str, Tensor],
-                           source: str = "state_dict") -> None:
+                           source: str = "state_dict", head: Optional[str] = "end_conv_2") -> None:
     """Load a state_dict trained for fewer horizons into ``model`` (of the same architecture).
 
-    Everything is copied; of ``end_conv_2`` (one output row per horizon) only the rows the
-    state_dict has, so the extra horizons keep their initial weights. Missing or unexpected
-    keys and any other shape difference raise :class:`GWNetError` naming ``source``.
+    Everything is copied; of ``head`` (the output layer, one row per horizon: Graph WaveNet's
+    ``end_conv_2``; any registered model names its own) only the rows the state_dict has, so
+    the extra horizons keep their initial weights. Missing or unexpected keys and any other
+    shape difference raise :class:`GWNetError` naming ``source``.
     """
     ours = model.state_dict()
     _check_keys(ours.keys(), state_dict.keys(), source)
     for key, theirs in state_dict.items():
         mine = ours[key]
-        if (key.startswith("end_conv_2.") and theirs.shape[1:] == mine.shape[1:]
+        if (head is not None and key.startswith(head + ".") and theirs.shape[1:] == mine.shape[1:]
                 and theirs.shape[0] <= mine.shape[0]):
             mine = mine[:theirs.shape[0]]
         elif theirs.shape != mine.shape:

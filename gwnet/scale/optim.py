@@ -82,7 +82,7 @@ def make_8bit_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """AdamW with 8-bit states for ``model`` (sharded or not), learning rate and decay of ``cfg``."""
     t = cfg.train
     embeddings = embedding_parameters(model)
-    if embeddings and not cfg.model.stable_embedding:
+    if embeddings and not getattr(cfg.model, "stable_embedding", False):
         warnings.warn("adamw8bit: the node embeddings train best as a stable embedding "
                       "(--stable-embedding), as the 8-bit optimizers paper recommends")
     params = [p for p in model.parameters() if p.requires_grad]

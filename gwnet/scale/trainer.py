@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,20 +26,26 @@ import torch.distributed as dist
 from ..config import Config
 from ..data import TrafficData, load_data
 from ..engine.metrics import MetricAccumulator, masked_mae, valid_mask
-from ..engine.trainer import LossFn, Trainer, forecast
+from ..engine.checkpoint import RunDir
+from ..engine.inference import forecast
+from ..engine.listeners import EpochListener
+from ..engine.trainer import LossFn, Trainer
 from ..errors import GWNetError, file_error
 from .backbone import full_model_state, load_full_model_state, load_sharded, save_sharded, shard_model
 from .world import current_world
 
-SHARD_DIRS = ("last-shards-a", "last-shards-b")
+SHARD_DIRS = RunDir.SHARD_DIRS
 
 
 class ShardedTrainer(Trainer):
     """A :class:`~gwnet.engine.trainer.Trainer` whose model is sharded over the processes of
-    :func:`~gwnet.scale.world.distributed`; ``Trainer(cfg)`` with ``cfg.train.fsdp`` is one."""
+    :func:`~gwnet.scale.world.distributed`; :func:`gwnet.engine.make_trainer` gives one for a
+    config with ``train.fsdp``."""
+
+    sharded = True
 
     def __init__(self, cfg: Config, data: TrafficData | None = None, model: torch.nn.Module | None = None,
-                 loss_fn: LossFn = masked_mae, resume: bool = False):
+                 loss_fn: LossFn = masked_mae, resume: bool = False, listeners: Sequence[EpochListener] = ()):
         self.world = current_world()
         self.world_size, self.is_main = self.world.size, self.world.is_main
         self._shards: str | None = None
@@ -53,7 +60,7 @@ class ShardedTrainer(Trainer):
             self.world.barrier()
             if data is None:
                 data = load_data(cfg.data)
-        super().__init__(cfg, data, model, loss_fn, resume)
+        super().__init__(cfg, data, model, loss_fn, resume, listeners)
 
     def _prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         t = self.cfg.train
@@ -112,7 +119,7 @@ class ShardedTrainer(Trainer):
 
     def _training_state(self) -> dict:
         name = SHARD_DIRS[1] if self._shards == SHARD_DIRS[0] else SHARD_DIRS[0]
-        path = self.run.root / name
+        path = self.run.shards(name)
         if self.is_main:
             shutil.rmtree(path, ignore_errors=True)
         self.world.barrier()
@@ -123,12 +130,12 @@ class ShardedTrainer(Trainer):
     def _save_last(self) -> None:
         super()._save_last()
         if self.is_main:  # last.pt now names the new shards: the older ones are garbage
-            shutil.rmtree(self.run.root / SHARD_DIRS[1 - SHARD_DIRS.index(self._shards)], ignore_errors=True)
+            shutil.rmtree(self.run.shards(SHARD_DIRS[1 - SHARD_DIRS.index(self._shards)]), ignore_errors=True)
 
     def _load_training_state(self, state: dict) -> None:
         if "sharded" not in state:
             raise file_error(self.run.last, "was written by a single-process run; resume it without --fsdp")
-        load_sharded(self.run.root / state["sharded"], self.model, self.optimizer)
+        load_sharded(self.run.shards(state["sharded"]), self.model, self.optimizer)
         self._shards = state["sharded"]
         rng = state["torch_rng"]
         if len(rng) == self.world.size:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..config import Config
+from ..engine.device import resolve_device
 from ..errors import GWNetError
 
 T = TypeVar("T")
@@ -78,8 +79,6 @@ def is_main_process() -> bool:
 
 
 def _device_type(name: str) -> str:
-    from ..engine.trainer import resolve_device  # imported here: the engine imports this module
-
     if name not in ("auto", "cpu", "cuda"):
         raise GWNetError(f"--fsdp places every process on its own device: use --device auto, cuda "
                          f"or cpu, not {name!r}")

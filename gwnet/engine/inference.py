@@ -1,0 +1,94 @@
+"""Inference: forecasts in real units, metrics over a split, and trained runs loaded back.
+
+Nothing here trains: prediction (``gwnet-predict``, the ensembles, the paper table) depends
+on this module and the model registry, never on the training loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+import torch
+
+from ..config import Config, DataConfig, TrainConfig, fields_with_role
+from ..data import TrafficData, build_supports, load_data
+from ..data.scaler import StandardScaler
+from ..data.windows import Windows
+from ..errors import GWNetError, file_error
+from ..models import build_model_from_config
+from .checkpoint import RunDir, load_checkpoint
+from .device import autocast, resolve_device
+from .metrics import MetricAccumulator
+
+
+@torch.no_grad()
+def forecast(model: torch.nn.Module, x: torch.Tensor, scaler: StandardScaler, t: TrainConfig,
+             device: torch.device) -> torch.Tensor:
+    """``(B, horizon, N)`` forecast in real units, clamped to the physical range, on the CPU."""
+    with autocast(device, t.precision):
+        out = model(x.to(device))
+    return scaler.inverse_transform(out.float()).clamp(t.clamp_min, t.clamp_max).cpu()
+
+
+def predict_batches(model: torch.nn.Module, windows: Windows, scaler: StandardScaler, t: TrainConfig,
+                    device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(forecast, target)`` per batch of a split (see :func:`forecast`)."""
+    model.eval()
+    for x, y in windows.batches(t.batch_size, scaler=scaler):
+        yield forecast(model, x, scaler, t, device), y
+
+
+def split_metrics(model: torch.nn.Module, windows: Windows, scaler: StandardScaler, t: TrainConfig,
+                  device: torch.device) -> MetricAccumulator:
+    """Clamped, masked metrics of ``model`` over every window of a split."""
+    acc = MetricAccumulator(windows.horizon, t.null_value)
+    for pred, y in predict_batches(model, windows, scaler, t, device):
+        acc.update(pred, y)
+    return acc
+
+
+def load_trained(run_dir: str | Path,
+                 device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, StandardScaler, list[str]]:
+    """Rebuild the model of a run directory: ``(model in eval mode, config, scaler, sensor ids)``.
+
+    The model is built by its registered builder (the checkpoint records the model's name and
+    config), so any registered model loads, Graph WaveNet or a user's own.
+    """
+    rd = RunDir(run_dir)
+    if not rd.root.is_dir():
+        raise file_error(rd.root, "no such run directory")
+    state = load_checkpoint(rd.best, map_location="cpu")  # the supports are built with scipy
+    cfg = Config.from_dict(state["config"], source=str(rd.best))
+    scaler = StandardScaler(**state["scaler"])
+    sensor_ids = list(state["sensor_ids"])
+    supports = build_supports(state["adjacency"].numpy(), cfg.data.adjtype)
+    model = build_model_from_config(cfg, supports)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise file_error(rd.best, f"weights do not fit the {cfg.arch} model its config describes: {reason}") from None
+    return model.to(device).eval(), cfg, scaler, sensor_ids
+
+
+def evaluate(run_dir: str | Path, data: DataConfig | TrafficData | None = None, split: str = "test",
+             device: str = "auto") -> pd.DataFrame:
+    """Per-horizon test metrics (plus the mean row) of a run's best model on ``data``.
+
+    ``data`` defaults to the data the run was trained on; a :class:`DataConfig` or a loaded
+    :class:`TrafficData` evaluates on other readings of the same sensors, scaled as in training.
+    """
+    device = resolve_device(device)
+    model, cfg, scaler, sensor_ids = load_trained(run_dir, device)
+    # The windows and features the model was trained on: every data option of these roles.
+    shaping = fields_with_role(DataConfig, "window", "horizon")
+    if not isinstance(data, TrafficData):
+        window = {name: getattr(cfg.data, name) for name in shaping}
+        data = load_data(dataclasses.replace(data or cfg.data, **window), scaler=scaler)
+    elif any(getattr(data.config, name) != getattr(cfg.data, name) for name in shaping):
+        raise GWNetError(f"{data.source}: windows or features differ from those of run {run_dir}")
+    if data.sensor_ids != sensor_ids:
+        raise GWNetError(f"{data.source}: sensors differ from those of run {run_dir}")
+    return split_metrics(model, data.windows[split], scaler, cfg.train, device).table()

@@ -1,0 +1,91 @@
+"""The stage pipeline: what ``gwnet.train(cfg)`` and ``gwnet-train`` run.
+
+A plain run is one stage. With ``train.pretrain_horizon = k`` it is two, as Shleifer et al.
+trained their best model: horizons ``1..k`` into ``RUN_DIR/pretrain-hk``, then all horizons
+initialised from that stage's best weights into ``RUN_DIR`` (``pipeline.json`` records the
+whole pipeline's config). :func:`make_trainer` is the one place that picks the trainer: the
+sharded one (:mod:`gwnet.scale`, imported only then) when ``train.fsdp`` asks for it.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pandas as pd
+
+from ..config import Config
+from ..data import TrafficData
+from ..errors import file_error
+from .checkpoint import RunDir, load_checkpoint
+from .trainer import RunResult, Trainer
+
+
+def make_trainer(cfg: Config, data: TrafficData | None = None, **kw) -> Trainer:
+    """The trainer for ``cfg``: over torchrun's processes with ``train.fsdp`` (inside
+    :func:`gwnet.scale.distributed`), else in this process. ``kw`` goes to the Trainer."""
+    if cfg.train.fsdp:
+        from ..scale.trainer import ShardedTrainer  # FSDP and the process group only when asked for
+
+        return ShardedTrainer(cfg, data, **kw)
+    return Trainer(cfg, data, **kw)
+
+
+def _is_main_process(cfg: Config) -> bool:
+    if not cfg.train.fsdp:
+        return True  # several processes without --fsdp are refused at launch
+    from ..scale.world import is_main_process
+
+    return is_main_process()
+
+
+def run_finished(run_dir: str | Path) -> bool:
+    """Whether a run directory holds a finished run with its test metrics."""
+    rd = RunDir(run_dir)
+    if not rd.last.exists():
+        return False
+    return bool(load_checkpoint(rd.last).get("finished")) and rd.test_metrics.exists()
+
+
+def _run_stage(cfg: Config, data: TrafficData | None, **kw) -> RunResult:
+    """Run, resume or (when complete) reload one stage."""
+    rd = RunDir(cfg.out)
+    if run_finished(rd.root):
+        state = load_checkpoint(rd.last)
+        return RunResult(rd.root, state["best_epoch"], state["best_val_mae"],
+                         pd.read_csv(rd.test_metrics, index_col=0), pd.DataFrame(state["history"]))
+    return make_trainer(cfg, data, resume=rd.last.exists(), **kw).fit()
+
+
+def train(cfg: Config, data: TrafficData | None = None, resume: bool = False, **kw) -> RunResult:
+    """Train as ``cfg`` says; with ``train.pretrain_horizon`` first pretrain, then finetune.
+
+    ``resume=True`` continues whatever stage was interrupted. ``kw`` goes to the Trainer
+    (``model``, ``loss_fn``, ``listeners``).
+    """
+    cfg = copy.deepcopy(cfg)
+    k = cfg.train.pretrain_horizon
+    if k is None:
+        return make_trainer(cfg, data, resume=resume, **kw).fit()
+    cfg.validate().resolve()
+    run = RunDir(cfg.out)
+    if resume and run_finished(run.root):
+        raise file_error(cfg.out, "run already finished; nothing to resume")
+    pre = copy.deepcopy(cfg)
+    pre.out = str(run.pretrain(k).root)
+    pre.data.horizon = k
+    pre.train.pretrain_horizon = None
+    if _is_main_process(cfg):
+        if not resume and run.holds_run():
+            raise file_error(cfg.out, "already holds a run; resume it with --resume or choose another --out")
+        run.check_writable()
+        cfg.save(run.pipeline)
+    _run_stage(pre, None if data is None else _with_horizon(data, k), **kw)
+    fine = copy.deepcopy(cfg)
+    fine.train.init_from = pre.out
+    return _run_stage(fine, data, **kw)
+
+
+def _with_horizon(data: TrafficData, horizon: int) -> TrafficData:
+    cfg = copy.deepcopy(data.config)
+    cfg.horizon = horizon
+    return TrafficData.from_frames(data.speeds, data.graph, cfg, source=data.source)

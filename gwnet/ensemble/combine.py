@@ -1,0 +1,182 @@
+"""The ensemble: members' forecasts combined per horizon with weights a strategy sets."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data import TrafficData, Windows
+from ..data.readers import STEP
+from ..engine.metrics import MetricAccumulator, valid_mask
+from ..errors import GWNetError
+from ..registry import STRATEGIES
+from .members import Member, check_compatible
+from .strategies import Validation
+
+
+@dataclass
+class Forecast:
+    """One batch of forecasts: ``B`` origins, ``H`` horizons, ``N`` sensors, real units."""
+
+    origins: pd.DatetimeIndex  # (B,) time of each window's last input
+    target_times: np.ndarray  # (B, H) datetime64
+    prediction: torch.Tensor  # (B, H, N) the ensemble
+    members: list[torch.Tensor]  # (B, h_m, N) each member
+    actual: torch.Tensor | None  # (B, H, N) readings, null_value where missing; None: the future
+
+
+class Ensemble:
+    """Members combined per horizon by ``strategy``, a name in :data:`gwnet.registry.STRATEGIES`
+    (see :mod:`gwnet.ensemble.strategies`).
+
+    ``weights[h, m]`` is member ``m``'s share of horizon ``h + 1``; zero where it does not
+    forecast that horizon. A strategy that needs no validation (``mean``) is ready at once;
+    the others (``per-horizon``, ``weighted``) need :meth:`fit` on validation windows first.
+    """
+
+    def __init__(self, members: Sequence[Member], strategy: str = "mean"):
+        self.spec = STRATEGIES.get_entry(strategy)
+        if not members:
+            raise GWNetError("an ensemble needs at least one member")
+        check_compatible(members)
+        self.members = list(members)
+        self.strategy = strategy
+        self.horizon = max(m.horizon for m in members)
+        cfg = members[0].config
+        self.null_value = cfg.train.null_value
+        # Every member's predictions lie in its own clamp range; the union keeps all of them.
+        self.clamp = (min(m.config.train.clamp_min for m in members),
+                      max(m.config.train.clamp_max for m in members))
+        self.lead = cfg.data.first_offset + np.arange(self.horizon)  # steps after the origin
+        self.lead_minutes = self.lead * (STEP // pd.Timedelta(minutes=1))
+        self.available = np.array([[h < m.horizon for m in members] for h in range(self.horizon)])
+        self.weights = STRATEGIES["mean"].weights(None, self.available)
+        if not self.spec.needs_validation:
+            self.weights = self.spec.weights(None, self.available)
+        self.fitted = not self.spec.needs_validation
+
+    # --- fitting ----------------------------------------------------------------------------
+    def fit(self, windows: Windows, batch_size: int = 64, source: str = "validation data") -> "Ensemble":
+        """Measure each member on ``windows`` (validation) and set the weights, in one pass.
+
+        Sets every member's ``val_mae``. For ``weighted`` it accumulates, per horizon and over
+        the valid readings only, the Gram matrix of the members' predictions and their products
+        with the readings, all NNLS needs.
+        """
+        self._check_windows(windows)
+        H, M = self.horizon, len(self.members)
+        scores = [MetricAccumulator(m.horizon, self.null_value) for m in self.members]
+        gram = torch.zeros(H, M, M, dtype=torch.float64)
+        xty = torch.zeros(H, M, dtype=torch.float64)
+        counts = torch.zeros(H, dtype=torch.int64)
+        for positions in _chunks(len(windows), batch_size):
+            preds, y = self._member_outputs(windows, positions)
+            for acc, pred in zip(scores, preds):
+                acc.update(pred, y[:, :pred.shape[1]])
+            mask = valid_mask(y, self.null_value)
+            counts += mask.sum(dim=(0, 2))
+            cols = torch.stack([_pad(p, H) for p in preds]).double() * mask  # (M, B, H, N)
+            gram += torch.einsum("mbhn,kbhn->hmk", cols, cols)
+            xty += torch.einsum("mbhn,bhn->hm", cols, torch.where(mask, y.double(), 0.0))
+        for member, acc in zip(self.members, scores):
+            member.val_mae = acc.per_horizon()["mae"].to_numpy()
+        if (counts == 0).any():
+            h = int(torch.nonzero(counts == 0)[0]) + 1
+            raise GWNetError(f"{source}: no valid readings at horizon {h} to fit the ensemble on; "
+                             "use --strategy mean or more data")
+        mae = np.stack([_pad_np(m.val_mae, H) for m in self.members], 1)
+        stats = Validation(np.where(self.available, mae, np.inf), gram.numpy(), xty.numpy())
+        self.weights = self.spec.weights(stats, self.available)
+        self.fitted = True
+        return self
+
+    # --- predicting -------------------------------------------------------------------------
+    def combine(self, preds: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``(B, H, N)`` ensemble forecast from the members' ``(B, h_m, N)`` forecasts."""
+        if not self.fitted:
+            raise RuntimeError(f"a {self.strategy} ensemble must be fit on validation windows first")
+        out = torch.zeros(preds[0].shape[0], self.horizon, preds[0].shape[2], dtype=torch.float64)
+        weights = torch.from_numpy(self.weights)
+        for m, pred in enumerate(preds):
+            h = pred.shape[1]
+            out[:, :h] += weights[:h, m, None] * pred.double()
+        return out.clamp(*self.clamp).float()
+
+    def predict(self, windows: Windows, batch_size: int = 64) -> Iterator[Forecast]:
+        """Forecasts of every window, batch by batch, in window order."""
+        self._check_windows(windows)
+        origins = windows.origins
+        for positions in _chunks(len(windows), batch_size):
+            preds, y = self._member_outputs(windows, positions)
+            stamps = origins[positions.numpy()]
+            yield Forecast(stamps, self._target_times(stamps), self.combine(preds), preds, y)
+
+    def predict_latest(self, data: TrafficData) -> Forecast:
+        """The next ``H`` steps after the last ``seq_len`` readings of ``data``."""
+        preds = []
+        for m in self.members:
+            x, origin = data.latest(m.scaler)
+            preds.append(m.forward(x))
+        stamps = pd.DatetimeIndex([origin])
+        return Forecast(stamps, self._target_times(stamps), self.combine(preds), preds, None)
+
+    def _member_outputs(self, windows: Windows,
+                        positions: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        preds = []
+        for m in self.members:
+            x, y = windows.batch(positions, scaler=m.scaler)
+            preds.append(m.forward(x))
+        return preds, y[:, :self.horizon]
+
+    def _target_times(self, origins: pd.DatetimeIndex) -> np.ndarray:
+        return origins.to_numpy()[:, None] + self.lead[None, :] * STEP.to_timedelta64()
+
+    def _check_windows(self, windows: Windows) -> None:
+        seq_len = self.members[0].config.data.seq_len
+        if windows.horizon < self.horizon or windows.seq_len != seq_len:
+            raise GWNetError(f"windows of {windows.seq_len} -> {windows.horizon} steps do not fit the "
+                             f"ensemble ({seq_len} -> {self.horizon}); window the data with data_config()")
+
+    # --- reporting --------------------------------------------------------------------------
+    def selection(self) -> pd.DataFrame:
+        """One row per horizon and member that forecasts it: weight and validation MAE."""
+        rows = []
+        for h in range(self.horizon):
+            for m, member in enumerate(self.members):
+                if self.available[h, m]:
+                    val = member.val_mae[h] if member.val_mae is not None else np.nan
+                    rows.append({"horizon": h + 1, "member": member.name,
+                                 "weight": float(self.weights[h, m]), "val_mae": float(val)})
+        return pd.DataFrame(rows)
+
+    def describe(self) -> dict:
+        """The ensemble as JSON-ready data: members, strategy, and per horizon its weights."""
+        horizons = []
+        for h in range(self.horizon):
+            entry = {"horizon": h + 1, "lead_minutes": int(self.lead_minutes[h]),
+                     "weights": {m.name: float(self.weights[h, i])
+                                 for i, m in enumerate(self.members) if self.available[h, i]}}
+            if self.spec.describe is not None:
+                entry.update(self.spec.describe(self.weights[h], [m.name for m in self.members]))
+            horizons.append(entry)
+        return {"strategy": self.strategy, "horizon": self.horizon,
+                "members": [{"name": m.name, "source": str(m.source), "horizon": m.horizon}
+                            for m in self.members],
+                "horizons": horizons}
+
+
+
+def _chunks(n: int, batch_size: int) -> tuple[torch.Tensor, ...]:
+    return torch.arange(n).split(batch_size)
+
+
+def _pad(pred: torch.Tensor, horizon: int) -> torch.Tensor:
+    """Zero-pad a ``(B, h, N)`` forecast to ``horizon`` steps (zero columns do not enter NNLS)."""
+    return torch.nn.functional.pad(pred, (0, 0, 0, horizon - pred.shape[1]))
+
+
+def _pad_np(values: np.ndarray, horizon: int) -> np.ndarray:
+    return np.pad(values, (0, horizon - len(values)), constant_values=np.nan)

@@ -1,0 +1,126 @@
+"""One call: predict a split (or the latest window) into an output directory."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..atomic import atomic_path, atomic_write_text
+from ..data import TrafficData, Windows
+from ..engine.metrics import MetricAccumulator
+from ..errors import GWNetError, file_error
+from .combine import Ensemble
+from .members import ENSEMBLE
+from .plots import STEPS_PER_DAY, SensorTrace, plot_adaptive_adjacency, plot_mae_by_horizon, plot_sensors
+from .tables import FORMATS, PredictionWriter, _pyarrow, metrics_frame, write_predictions
+
+SPLITS = ("test", "val", "all", "latest")
+
+
+@dataclass
+class Report:
+    """What :func:`run` wrote."""
+
+    out: Path
+    predictions: Path
+    rows: int
+    metrics: pd.DataFrame | None  # None for the latest window (no actuals)
+    files: list[Path]
+
+
+def split_windows(data: TrafficData, split: str) -> Windows:
+    """The windows of ``split``; ``all`` spans train, validation and test."""
+    if split == "all":
+        first, last = data.windows["train"], data.windows["test"]
+        windows = Windows(first.series, first.scaler, first.start, last.stop, first.seq_len,
+                          first.horizon, first.first_offset, first.index)
+    else:
+        windows = data.windows[split]
+    if len(windows) == 0:
+        raise file_error(data.source, f"the {split} split holds no windows")
+    return windows
+
+
+def sensor_positions(data: TrafficData, sensors: Sequence[str] | None) -> list[int]:
+    """Column positions of ``sensors`` (default: the first three)."""
+    ids = data.sensor_ids
+    if not sensors:
+        return list(range(min(3, len(ids))))
+    where = {s: i for i, s in enumerate(ids)}
+    unknown = [s for s in sensors if s not in where]
+    if unknown:
+        raise file_error(data.source, f"no sensor {unknown[0]!r} (it has {len(ids)} sensors, e.g. "
+                         f"{', '.join(ids[:3])})")
+    return [where[s] for s in sensors]
+
+
+def run(ensemble: Ensemble, data: TrafficData, out: str | Path, split: str = "test", fmt: str = "csv",
+        sensors: Sequence[str] | None = None, batch_size: int = 64, plots: bool = True) -> Report:
+    """Fit ``ensemble`` on ``data``'s validation split if its strategy needs it, forecast
+    ``split`` (or the ``latest`` window) and write the output directory described above."""
+    if split not in SPLITS:
+        raise GWNetError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if fmt not in FORMATS:
+        raise GWNetError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    out = Path(out)
+    path = out / f"predictions.{fmt}"
+    if fmt == "parquet":
+        _pyarrow(path)  # fail before the work, not after it
+    index = sensor_positions(data, sensors)
+    windows = None if split == "latest" else split_windows(data, split)
+    if not ensemble.fitted:
+        ensemble.fit(split_windows(data, "val"), batch_size, source=data.source)
+    files = [path]
+    if windows is None:
+        rows, metrics, (history, traces) = _forecast_latest(ensemble, data, path, index)
+    else:
+        rows, metrics, (history, traces) = _forecast_windows(ensemble, data, windows, path, index, batch_size)
+        with atomic_path(out / "metrics.csv") as tmp:
+            metrics.to_csv(tmp, index=False)
+        files.append(out / "metrics.csv")
+    with atomic_path(out / "ensemble.csv") as tmp:
+        ensemble.selection().to_csv(tmp, index=False)
+    atomic_write_text(out / "ensemble.json", json.dumps(ensemble.describe(), indent=2) + "\n")
+    files += [out / "ensemble.csv", out / "ensemble.json"]
+    if plots:
+        if metrics is not None:
+            files.append(plot_mae_by_horizon(metrics, out / "mae_by_horizon.png", ensemble.lead_minutes))
+        files.append(plot_sensors(history, traces, out / "sensors.png"))
+        adjacency = plot_adaptive_adjacency(ensemble.members, data.sensor_ids, out / "adaptive_adjacency.png")
+        if adjacency is not None:
+            files.append(adjacency)
+    return Report(out, path, rows, metrics, files)
+
+
+Traces = tuple[pd.DataFrame, dict[str, pd.DataFrame]]  # readings, and forecasts by label
+
+
+def _forecast_windows(ensemble: Ensemble, data: TrafficData, windows: Windows, path: Path,
+                      index: list[int], batch_size: int) -> tuple[int, pd.DataFrame, Traces]:
+    """One streaming pass: write the table, score members and ensemble, keep the plotted day."""
+    scores = {m.name: MetricAccumulator(m.horizon, ensemble.null_value) for m in ensemble.members}
+    scores[ENSEMBLE] = MetricAccumulator(ensemble.horizon, ensemble.null_value)
+    trace = SensorTrace(index, ensemble.horizon)
+    with PredictionWriter(path, data.sensor_ids, ensemble.null_value) as writer:
+        for batch in ensemble.predict(windows, batch_size):
+            writer.write(batch)
+            trace.update(batch)
+            for acc, pred in zip(scores.values(), batch.members + [batch.prediction]):
+                acc.update(pred, batch.actual[:, :pred.shape[1]])
+    traces = trace.frames(data.sensor_ids, ensemble.lead_minutes, ensemble.null_value)
+    return writer.rows, metrics_frame(scores), traces
+
+
+def _forecast_latest(ensemble: Ensemble, data: TrafficData, path: Path,
+                     index: list[int]) -> tuple[int, None, Traces]:
+    """The forecast after the last readings; the plot shows the day of readings before it."""
+    forecast = ensemble.predict_latest(data)
+    rows = write_predictions(iter([forecast]), path, data.sensor_ids, ensemble.null_value)
+    history = data.speeds.iloc[-STEPS_PER_DAY:, index].replace(ensemble.null_value, np.nan)
+    future = pd.DataFrame(forecast.prediction[0][:, index].numpy(), index=forecast.target_times[0],
+                          columns=history.columns)
+    return rows, None, (history, {"forecast": future})
