@@ -170,7 +170,7 @@ def read_speeds(path: str | os.PathLike, key: str | None = None, dtype=np.float3
         raise file_error(path, "file is empty")
     ext = os.path.splitext(path)[1].lower()
     if ext not in READERS:
-        raise file_error(path, f"speeds must be one of {', '.join(READERS)} files")
+        raise file_error(path, f"speeds must be {'/'.join(READERS)} files (no reader for {ext or 'no extension'})")
     return check_speeds(READERS[ext](path, key, dtype), path, dtype)
 
 
