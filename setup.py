@@ -33,7 +33,10 @@ setup(
         "scale": ["torchao>=0.18,<0.19"],
         # --log tensorboard: event files under RUN_DIR/tensorboard/
         "tensorboard": ["tensorboard>=2.14"],
-        "test": ["pytest>=7", "pyarrow>=12", "torchao>=0.18,<0.19", "tensorboard>=2.14"],
+        # graphs from torch_geometric.data.Data (gwnet.data.graph.graph_from_pyg); duck-typed,
+        # so a PyG edge_index tensor works without it
+        "pyg": ["torch_geometric>=2.4"],
+        "test": ["pytest>=7", "pyarrow>=12", "torchao>=0.18,<0.19", "tensorboard>=2.14", "torch_geometric>=2.4"],
     },
     entry_points={
         "console_scripts": [

@@ -59,9 +59,8 @@ import pandas as pd
 
 from gwnet.atomic import atomic_path, atomic_write_text
 from gwnet.cli.common import run_cli
-from gwnet.config import Config, DataConfig, fields_with_role, read_config_file, update
-from gwnet.data import load_data
-from gwnet.data.readers import STEP
+from gwnet.config import Config, DataConfig, fields_filled_from_data, fields_with_role, read_config_file, update
+from gwnet.data import TrafficData, load_data
 from gwnet.engine import Interrupted, MetricAccumulator, RunDir, resolve_device, run_finished, train
 from gwnet.engine.baselines import evaluate_baseline
 from gwnet.ensemble import Ensemble, load_members, plot_mae_by_horizon
@@ -216,8 +215,11 @@ def check_same_run(cfg: Config) -> None:
     free = {f"{section}.{name}" if section else name
             for section, part in (("", cfg), ("data", cfg.data), ("model", cfg.model), ("train", cfg.train))
             for name in fields_with_role(part, *FREE_ROLES)}
+    # Options the data decides when left unset: the run directory holds the decided value.
+    filled = {f"{section}.{name}" for section, part in (("data", cfg.data), ("train", cfg.train))
+              for name in fields_filled_from_data(part)}
     differ = [k for k in sorted(set(saved) | set(ours))
-              if k not in free and saved.get(k) != ours.get(k)]
+              if k not in free and saved.get(k) != ours.get(k) and not (k in filled and ours.get(k) is None)]
     if differ:
         shown = ", ".join(f"{k} {saved.get(k)!r} there, {ours.get(k)!r} now" for k in differ[:3])
         raise file_error(root, f"holds a run made with other options ({shown}); "
@@ -272,11 +274,8 @@ def ensemble_row(out: Path, seed: int, device: str) -> pd.DataFrame:
     return table
 
 
-def baseline_rows(names: Sequence[str], cfg: DataConfig) -> dict[str, pd.DataFrame]:
+def baseline_rows(names: Sequence[str], data: TrafficData) -> dict[str, pd.DataFrame]:
     """Test metrics of the baselines (deterministic: one table each, whatever the seeds)."""
-    if not names:
-        return {}
-    data = load_data(cfg)
     return {name: evaluate_baseline(data, name, "test").table() for name in names}
 
 
@@ -316,8 +315,10 @@ def run_table(out: str | Path, rows: Sequence[str] = ROWS, budget: Budget | None
         if ENSEMBLE_ROW in rows:
             device = configs[ENSEMBLE_MEMBERS[-1]].train.device
             tables[ENSEMBLE_ROW][seed] = ensemble_row(out, seed, device)
-    reference = row_config(BASELINE_DATA_ROW, budget, source, 0, out).data
-    for name, table in baseline_rows([r for r in rows if r in BASELINES], reference).items():
+    # The data as the rows read it, with what its protocol decides (split, target, unit, step).
+    data = load_data(row_config(BASELINE_DATA_ROW, budget, source, 0, out).data)
+    reference = data.config
+    for name, table in baseline_rows([r for r in rows if r in BASELINES], data).items():
         tables[name][0] = table
     scores = long_scores(tables, reference.horizon)
     summary = summarize(scores, rows)
@@ -364,8 +365,11 @@ def summarize(scores: pd.DataFrame, rows: Sequence[str]) -> pd.DataFrame:
 def table_caption(budget: Budget, data: DataConfig, seeds: int) -> str:
     seeds_text = "one seed" if seeds == 1 else f"mean \u00b1 std over {seeds} seeds (0-{seeds - 1})"
     shrunk = " Model sizes differ from the paper's (set by the budget)." if "model" in budget.overlay else ""
-    return (f"Test split of {describe_data(data)}: MAE, RMSE and MAPE (%) at horizons 3, 6 and 12 "
-            f"(15, 30 and 60 minutes ahead) and their mean over horizons 1-{data.horizon}; {seeds_text} "
+    ahead = ", ".join(str((data.first_offset + h - 1) * data.step_minutes) for h in (3, 6))
+    ahead += f" and {(data.first_offset + 11) * data.step_minutes}"
+    return (f"Test split of {describe_data(data)} (protocol: {data.protocol}): MAE, RMSE and MAPE (%) at "
+            f"horizons 3, 6 and 12 ({ahead} minutes ahead) and their mean over horizons 1-{data.horizon}; "
+            f"{seeds_text} "
             f"for the trained rows, baselines are deterministic. Budget {budget.name}: {budget.describe()}."
             f"{shrunk} The ensemble takes, per horizon, whichever of the short (1-6) and finetuned "
             f"(1-12) models has the lower validation MAE.")
@@ -403,7 +407,7 @@ def write_outputs(out: Path, scores: pd.DataFrame, summary: pd.DataFrame, markdo
     per_horizon = scores[scores["horizon"] != "mean"].astype({"horizon": int})
     mae = per_horizon.groupby(["row", "horizon"], sort=False)["mae"].mean().reset_index()
     lead = data.first_offset + np.arange(int(mae["horizon"].max()))  # steps after the last input
-    minutes = lead * (STEP // pd.Timedelta(minutes=1))
+    minutes = lead * data.step_minutes
     plot_mae_by_horizon(mae.rename(columns={"row": "model"}), files[3], minutes)
     return files
 

@@ -39,14 +39,17 @@ from .registry import LOGGERS, PRESETS
 
 ADJTYPES = ("transition", "doubletransition", "symnadj", "scalap", "normlap", "identity")
 ROLES = ("source", "window", "horizon", "derived", "output", "regularization", "kernel", "runtime")
+# DCRNN's chronological split (train, test shares of the windows), for data with no protocol.
+DCRNN_SPLIT = (0.7, 0.2)
 # Roles of fields a user never sets: they follow from the data.
 DERIVED_ROLES = ("derived", "output")
 
 
-def opt(default, help: str, choices=None, role: str | None = None):
+def opt(default, help: str, choices=None, role: str | None = None, filled: bool = False):
     """A dataclass field whose help text, choices (a tuple, or a live registry) and role the
-    CLI and the compatibility checks read."""
-    meta: dict[str, Any] = {"help": help}
+    CLI and the compatibility checks read. ``filled``: ``None`` means "decided by the data and
+    its protocol", and a run's ``config.json`` holds the value that was decided."""
+    meta: dict[str, Any] = {"help": help, "filled": filled}
     if choices is not None:
         meta["choices"] = choices
     if role is not None:
@@ -54,6 +57,11 @@ def opt(default, help: str, choices=None, role: str | None = None):
             raise ValueError(f"unknown role {role!r}")
         meta["role"] = role
     return field(default=default, metadata=meta)
+
+
+def fields_filled_from_data(cls: Any) -> tuple[str, ...]:
+    """Names of the fields of ``cls`` whose ``None`` the data and its protocol fill in."""
+    return tuple(f.name for f in fields(cls) if f.metadata.get("filled"))
 
 
 def fields_with_role(cls: Any, *roles: str) -> tuple[str, ...]:
@@ -99,13 +107,28 @@ def coerce(cls: type, name: str, value: Any, source: str) -> Any:
 class DataConfig:
     """Where the readings and the sensor graph come from and how windows are cut."""
 
-    dataset: str = opt("synthetic", "named dataset (synthetic, metr-la, pems-bay) or a directory "
-                       "holding a speeds file and a graph file", role="source")
-    data: Optional[str] = opt(None, "speeds file (.h5, .csv, .parquet); overrides --dataset", role="source")
-    adj: Optional[str] = opt(None, "sensor graph: DCRNN pickle or distances CSV from,to,distance",
-                             role="source")
+    dataset: str = opt("synthetic", "named dataset (synthetic, metr-la, pems-bay, pems03/04/07/08, "
+                       "largest-sd/gba/gla/ca) or a directory holding a readings file and a graph file",
+                       role="source")
+    data: Optional[str] = opt(None, "readings file (.h5, .csv, .parquet, .npz); overrides --dataset",
+                              role="source")
+    adj: Optional[str] = opt(None, "sensor graph: DCRNN pickle, distances or edge-list CSV "
+                             "from,to[,distance|cost|weight], .npy/.npz adjacency", role="source")
     key: Optional[str] = opt(None, "HDF5 key of the frame, needed when the file holds several",
                              role="source")
+    target: Optional[str] = opt(None, "quantity forecast (speed, flow, occupancy...): picks the feature of a "
+                                "multi-feature .npz; default: the dataset's protocol", role="window", filled=True)
+    unit: Optional[str] = opt(None, "unit of the target, shown with results (default: the protocol's)",
+                              filled=True)
+    step_minutes: Optional[int] = opt(None, "minutes between readings: read from the timestamps; files "
+                                      "without them (.npz) take the protocol's (5 for your own)", filled=True)
+    start: Optional[str] = opt(None, "first timestamp of a file without timestamps (.npz); default: the "
+                               "dataset's conventional start")
+    adj_weights: Optional[str] = opt(None, "how graph edges become weights: kernel (DCRNN's Gaussian of "
+                                     "distances), binary (1 both ways), given (as listed); default: by "
+                                     "dataset and file", ("kernel", "binary", "given"))
+    protocol: Optional[str] = opt(None, "the evaluation protocol the run used (filled in)", role="derived",
+                                  filled=True)
     seq_len: int = opt(12, "past steps per input window", role="window")
     horizon: int = opt(12, "future steps to forecast", role="horizon")
     first_offset: int = opt(1, "steps from the last input to the first target", role="window")
@@ -114,11 +137,18 @@ class DataConfig:
     fill_zeroes: bool = opt(True, "replace missing (0) input readings by the training mean")
     adjtype: str = opt("doubletransition", "normalisation of the fixed supports", ADJTYPES)
     normalized_k: float = opt(0.1, "distances CSV: kernel weights below this become 0")
-    train_ratio: float = opt(0.7, "share of windows for training (chronological)")
-    test_ratio: float = opt(0.2, "share of windows for testing (the last ones)")
+    train_ratio: Optional[float] = opt(None, "share of windows for training (chronological); default: "
+                                       "the protocol's (0.7 DCRNN, 0.6 PEMS0X and LargeST)", filled=True)
+    test_ratio: Optional[float] = opt(None, "share of windows for testing (the last ones); default: the "
+                                      "protocol's (0.2)", filled=True)
     synth_nodes: int = opt(40, "synthetic dataset: number of sensors")
     synth_days: int = opt(14, "synthetic dataset: days of 5-minute readings")
     synth_seed: int = opt(0, "synthetic dataset: generator seed")
+
+    def split(self) -> tuple[float, float]:
+        """``(train_ratio, test_ratio)``; DCRNN's where the protocol has not filled them in."""
+        return (DCRNN_SPLIT[0] if self.train_ratio is None else self.train_ratio,
+                DCRNN_SPLIT[1] if self.test_ratio is None else self.test_ratio)
 
     @property
     def in_dim(self) -> int:
@@ -140,7 +170,8 @@ class ModelConfig:
     num_nodes: int = opt(207, "sensors in the graph", role="derived")
     in_dim: int = opt(2, "input features per node and step", role="derived")
     out_dim: int = opt(12, "forecast horizons", role="output")
-    num_supports: int = opt(2, "fixed supports built from the graph", role="derived")
+    num_supports: int = opt(2, "fixed supports built from the graph", role="derived",
+                                  filled=True)
     seq_len: int = opt(12, "input steps per window", role="derived")
 
     def resolve(self, data: "DataConfig", num_nodes: int | None = None) -> None:
@@ -248,7 +279,9 @@ class TrainConfig:
                          ("adam", "adamw", "adamw8bit"))
     null_value: float = opt(0.0, "target value that marks a missing reading")
     clamp_min: float = opt(0.0, "evaluation: clamp predictions to at least this")
-    clamp_max: float = opt(70.0, "evaluation: clamp predictions to at most this")
+    clamp_max: Optional[float] = opt(None, "evaluation: clamp predictions to at most this; default: the "
+                                     "protocol's (70 for METR-LA/PEMS-BAY), else the training maximum",
+                                     filled=True)
     nan_policy: str = opt("stop", "non-finite loss: stop (keep the last good checkpoint) "
                           "or skip the batch", ("stop", "skip"))
     init_from: Optional[str] = opt(None, "run directory whose best model initialises this one "
@@ -306,7 +339,7 @@ class Config:
             for f in fields(section):
                 value = getattr(section, f.name)
                 choices = f.metadata.get("choices")
-                if choices is not None and value not in choices:
+                if choices is not None and value not in choices and value is not None:
                     raise GWNetError(f"{f.name}={value!r} is not one of {', '.join(choices)}")
         d, t = self.data, self.train
         positive = {"seq_len": d.seq_len, "horizon": d.horizon, "first_offset": d.first_offset,
@@ -315,8 +348,11 @@ class Config:
         for name, value in positive.items():
             if value < 1:
                 raise GWNetError(f"{name} must be at least 1, got {value}")
-        if not (0 < d.train_ratio < 1 and 0 < d.test_ratio < 1 and d.train_ratio + d.test_ratio < 1):
+        train, test = d.split()
+        if not (0 < train < 1 and 0 < test < 1 and train + test < 1):
             raise GWNetError("train_ratio and test_ratio must be in (0, 1) and sum below 1")
+        if d.step_minutes is not None and not (d.step_minutes >= 1 and 1440 % d.step_minutes == 0):
+            raise GWNetError(f"step_minutes must be whole minutes dividing a day, got {d.step_minutes}")
         self.model.validate()
         if t.pretrain_horizon is not None and not 1 <= t.pretrain_horizon < d.horizon:
             raise GWNetError(f"pretrain_horizon must be between 1 and horizon-1 ({d.horizon - 1})")

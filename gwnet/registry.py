@@ -72,3 +72,5 @@ LOGGERS: Registry = Registry("logger")
 STRATEGIES: Registry = Registry("strategy")
 # Filled by gwnet.data.readers: file extension (".h5") -> Reader.
 READERS: Registry = Registry("reading format")
+# Filled by gwnet.data.protocols: named dataset -> DatasetSpec (files, protocol, where published).
+DATASETS: Registry = Registry("dataset")

@@ -45,7 +45,9 @@ def test_the_version_lives_in_one_place(tmp_path):
 
 
 def test_roles_give_the_field_lists():
-    assert fields_with_role(DataConfig, "window") == ("seq_len", "first_offset", "time_of_day", "day_of_week")
+    assert fields_with_role(DataConfig, "window") == ("target", "seq_len", "first_offset", "time_of_day",
+                                                      "day_of_week")
+    assert fields_with_role(DataConfig, "derived") == ("protocol",)
     assert fields_with_role(DataConfig, "source") == ("dataset", "data", "adj", "key")
     assert fields_with_role(GWNetConfig, *DERIVED_ROLES) == ("num_nodes", "in_dim", "out_dim", "num_supports",
                                                               "seq_len")

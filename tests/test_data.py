@@ -390,5 +390,5 @@ def test_a_registered_reader_is_read_and_checked_like_the_built_in_ones(tmp_path
         assert got.shape == (20, 3) and got.iloc[3, 1] == 0.0 and got.dtypes.iloc[0] == np.float32
     finally:
         READERS.remove(".tsv")
-    with pytest.raises(GWNetError, match=r"speeds must be \.h5/\.hdf5/\.hdf/\.csv/\.parquet/\.pq files \(no reader for \.tsv\)"):
+    with pytest.raises(GWNetError, match=r"speeds must be \.h5/\.hdf5/\.hdf/\.csv/\.parquet/\.pq/\.npz files \(no reader for \.tsv\)"):
         read_speeds(tmp_path / "speeds.tsv")

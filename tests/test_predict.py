@@ -261,3 +261,62 @@ def test_evaluate_on_other_data_keeps_the_runs_windows(runs):
 
     table = evaluate(runs.h6, DataConfig(data=str(runs.speeds), adj=str(runs.adj), horizon=12), device="cpu")
     assert list(table.index) == [str(h) for h in range(1, 7)] + ["mean"]
+
+
+# --- the output directory: never a mix of two results, never a directory we did not write -----
+def files_of(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_an_earlier_result_is_replaced_only_with_overwrite_and_whole(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    members = [runs.h6, runs.h12, "--no-plots", "--out", out]
+    assert predict([*members, "--split", "val"], capsys)[0] == 0
+    before = files_of(out)
+    rc, _, err = predict([*members, "--latest"], capsys)
+    assert rc == 2 and err.strip().count("\n") == 0
+    assert f"gwnet-predict: error: {out}: already holds results; pass --overwrite" in err
+    assert files_of(out) == before
+    assert predict([*members, "--latest", "--overwrite"], capsys)[0] == 0
+    # The latest window has no actuals: the earlier metrics.csv went with the earlier result.
+    assert sorted(files_of(out)) == ["ensemble.csv", "ensemble.json", "predictions.csv"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # nothing left beside it
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "a run directory"])
+def test_an_out_that_cannot_take_the_result_is_refused_before_any_work(runs, tmp_path, capsys, monkeypatch,
+                                                                        case):
+    def no_work(*args, **kwargs):
+        raise AssertionError("loaded the members first")
+
+    monkeypatch.setattr("gwnet.cli.predict.load_members", no_work)
+    (tmp_path / "file").write_text("not a directory")
+    out, message = {"a file": (tmp_path / "file", "exists and is not a directory"),
+                    "under a file": (tmp_path / "file" / "out", "cannot write here"),
+                    "a run directory": (tmp_path / "run", "which gwnet-predict did not write")}[case]
+    if case == "a run directory":
+        shutil.copytree(runs.h6, out)
+    before = files_of(tmp_path / "run") if case == "a run directory" else None
+    rc, _, err = predict([runs.h6, "--out", out, "--overwrite"], capsys)
+    assert rc == 2 and err.strip().count("\n") == 0
+    assert err.startswith(f"gwnet-predict: error: {out}: ") and message in err
+    if before is not None:
+        assert files_of(out) == before
+
+
+def test_a_prediction_killed_while_overwriting_leaves_the_earlier_result(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert predict([runs.h6, "--split", "val", "--no-plots", "--out", out], capsys)[0] == 0
+    before = files_of(out)
+    # SIGKILL once predictions.csv and metrics.csv of the new result are written.
+    code = ("import os, signal, sys; import gwnet.ensemble.report as report; "
+            "report.atomic_write_text = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
+            "from gwnet.cli.predict import main; main(sys.argv[1:])")
+    proc = subprocess.run([sys.executable, "-c", code, str(runs.h6), "--split", "test", "--no-plots",
+                           "--out", str(out), "--overwrite", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    assert files_of(out) == before
+    assert predict([runs.h6, "--split", "test", "--no-plots", "--out", out, "--overwrite"], capsys)[0] == 0
+    assert files_of(out)["predictions.csv"] != before["predictions.csv"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the killed one's leftovers are gone

@@ -13,8 +13,10 @@ from dataclasses import fields
 
 import pandas as pd
 
+from ..atomic import check_output_directory
 from ..config import DataConfig
 from ..ensemble import FORMATS, STRATEGIES, Ensemble, load_members, run
+from ..ensemble.report import OUTPUT_FILES
 from ..ensemble.members import SOURCE_FIELDS
 from .common import add_field, run_cli
 
@@ -28,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
                         help="run directories (gwnet-train --out); a file is taken as a reference "
                              "implementation's state_dict (.pth)")
-    parser.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory")
+    parser.add_argument("--out", required=True, metavar="OUT_DIR",
+                        help="output directory: new or empty, or an earlier result with --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the earlier result in OUT_DIR (as a whole, once the new one is complete)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--split", choices=("test", "val", "all"), default="test",
                        help="windows to predict (default: test)")
@@ -71,18 +76,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    # An --out that cannot take the result is refused before any work.
+    check_output_directory(args.out, args.overwrite, OUTPUT_FILES, "gwnet-predict")
     source = {name.split(".", 1)[1]: value for name, value in vars(args).items() if name.startswith("data.")}
     members, data = load_members(args.runs, resolve_device(args.device), **source)
     ensemble = Ensemble(members, args.strategy)
     split = "latest" if args.latest else args.split
     report = run(ensemble, data, args.out, split=split, fmt=args.format, sensors=args.sensors,
-                 batch_size=args.batch_size or members[0].config.train.batch_size, plots=args.plots)
+                 batch_size=args.batch_size or members[0].config.train.batch_size, plots=args.plots,
+                 overwrite=args.overwrite)
     number = lambda v: "" if pd.isna(v) else f"{v:.4f}"  # noqa: E731
     print(f"{args.strategy} ensemble of {len(members)} member(s); weights per horizon:")
     print(weights_table(ensemble).to_string(float_format=number, na_rep=""))
     if report.metrics is not None:
         mae = report.metrics.pivot(index="horizon", columns="model", values="mae")
-        print(f"\nMAE on the {split} split of {data.source}:")
+        print(f"\nMAE on the {split} split of {data.source} ({data.config.protocol}):")
         print(mae[list(report.metrics["model"].unique())].to_string(float_format=number, na_rep=""))
     print(f"\n{report.rows} rows: {report.predictions}")
     for path in report.files[1:]:

@@ -85,8 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     table = result.test_metrics.copy()
     table["mape"] = table["mape"] * 100
+    saved = Config.load(RunDir(result.run_dir).config).data
+    unit = f" in {saved.unit}" if saved.unit else ""
     print(f"\ntest metrics of the best epoch ({result.best_epoch}, validation MAE "
-          f"{result.best_val_mae:.4f}); MAPE in %:")
+          f"{result.best_val_mae:.4f}); MAE and RMSE{unit}, MAPE in %:")
+    if saved.protocol:
+        print(f"protocol: {saved.protocol}")
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
     print(f"run directory: {Path(result.run_dir)}")
     return 0

@@ -1,11 +1,14 @@
 """From a :class:`~gwnet.config.DataConfig` to ready-to-batch data.
 
-``load_data(cfg)`` resolves where the readings and the graph are (a named dataset, a
-directory, or explicit files), reads both, aligns the graph to the data's sensor ids, and
-cuts the windows. The named ``synthetic`` dataset is generated on first use and cached.
+``load_data(cfg)`` resolves where the readings and the graph are (a named dataset of
+:data:`gwnet.registry.DATASETS`, a directory, or explicit files), fills the options the
+dataset's protocol decides (split, target, unit, step), reads both files, aligns the graph
+to the data's sensor ids, and cuts the windows. The named ``synthetic`` dataset is generated
+on first use and cached.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,18 +19,17 @@ import torch
 
 from ..config import DataConfig
 from ..errors import GWNetError, file_error
+from ..registry import DATASETS, READERS
 from .graph import SensorGraph, align_graph, read_graph
-from ..registry import READERS
-from .readers import read_speeds
+from .protocols import Protocol, protocol_of
+from .readers import ReadOptions, infer_step, read_speeds
 from .scaler import StandardScaler
 from .supports import build_supports
 from .windows import Series, Windows, build_series, make_splits
 
-# Conventional locations below the data root ($GWNET_DATA, else ./data), as DCRNN lays them out.
-NAMED = {
-    "metr-la": dict(data="metr-la.h5", key="df", adj="sensor_graph/adj_mx.pkl"),
-    "pems-bay": dict(data="pems-bay.h5", key="speed", adj="sensor_graph/adj_mx_bay.pkl"),
-}
+# A dataset directory's graph file, by preference: DCRNN's pickle, a distances CSV, the PEMS0X
+# graph, LargeST's road-network adjacency, any other array adjacency, any other CSV (an edge list).
+GRAPH_PATTERNS = ("*.pkl", "distances*.csv", "distance.csv", "PEMS*.csv", "*_rn_adj.npy", "*.npy", "*.csv")
 
 def speed_extensions() -> tuple[str, ...]:
     """What a dataset directory's speeds file may end in: any registered format but CSV, which
@@ -55,42 +57,95 @@ def synthetic_dir(cfg: DataConfig) -> Path:
 
 
 def _find_in_dir(folder: Path) -> tuple[Path, Path]:
-    """The one speeds file and the graph file in a dataset directory."""
+    """The one readings file and the graph file in a dataset directory."""
     speeds = sorted(p for p in folder.iterdir() if p.suffix.lower() in speed_extensions())
     if len(speeds) != 1:
         found = ", ".join(p.name for p in speeds) or "none"
-        raise file_error(folder, f"expected one speeds file (.h5/.parquet), found {found}; pass --data")
-    graphs = sorted(folder.glob("*.pkl")) or sorted(folder.glob("distances*.csv"))
-    if len(graphs) != 1:
-        found = ", ".join(p.name for p in graphs) or "none"
-        raise file_error(folder, f"expected one graph file (.pkl or distances*.csv), found {found}; pass --adj")
-    return speeds[0], graphs[0]
+        raise file_error(folder, f"expected one readings file ({'/'.join(speed_extensions())}), found {found}; "
+                         "pass --data")
+    for pattern in GRAPH_PATTERNS:
+        graphs = sorted(folder.glob(pattern))
+        if len(graphs) > 1:
+            raise file_error(folder, f"several graph files ({', '.join(p.name for p in graphs)}); pass --adj")
+        if graphs:
+            return speeds[0], graphs[0]
+    raise file_error(folder, "no graph file (.pkl, distances*.csv, distance.csv, PEMS*.csv, *.npy); pass --adj")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a config's readings and graph are, and how to read them."""
+
+    data: Path
+    graph: Path
+    options: ReadOptions
+    adj_weights: str | None
+    protocol: Protocol
+
+
+def resolve_source(cfg: DataConfig) -> Source:
+    """The files ``cfg`` points to and how to read them (see the module docstring)."""
+    protocol = protocol_of(cfg.dataset, cfg.data is not None)
+    spec = DATASETS.get(cfg.dataset) if cfg.data is None else None
+    ids = start = None
+    weights = cfg.adj_weights
+    if cfg.data is not None:
+        if cfg.adj is None:
+            raise file_error(cfg.data, "no sensor graph given; pass --adj (DCRNN pickle, CSV or .npy adjacency)")
+        data, graph, key = Path(cfg.data), Path(cfg.adj), cfg.key
+        ids = str(data.with_suffix(".txt"))  # PEMS03.txt beside PEMS03.npz, when present
+    elif cfg.dataset == "synthetic":
+        folder = synthetic_dir(cfg)
+        data, graph, key = folder / "speeds.h5", Path(cfg.adj or folder / "adj_mx.pkl"), "df"
+    elif spec is not None:
+        root = data_root()
+        data = root / spec.data
+        graph = Path(cfg.adj) if cfg.adj else next((root / g for g in spec.graph if (root / g).exists()),
+                                                    root / spec.graph[0])
+        for path in (data, graph):
+            if not path.exists():
+                raise file_error(path, f"{spec.name} is not downloaded; see data/README.md: get {path.name} from "
+                                 f"{spec.where} and put it at {path} (or set GWNET_DATA)")
+        key = cfg.key or spec.key
+        ids = str(root / spec.ids) if spec.ids else None
+        start = spec.start
+        weights = weights or spec.adj_weights
+    else:
+        folder = Path(cfg.dataset)
+        if not folder.is_dir():
+            raise GWNetError(f"{cfg.dataset}: not a dataset name ({', '.join(['synthetic', *DATASETS])}) "
+                             "nor a directory")
+        data, graph = _find_in_dir(folder)
+        graph = Path(cfg.adj) if cfg.adj else graph
+        key = cfg.key
+        ids = str(data.with_suffix(".txt"))
+    # An array file without a named target holds flow first, as the PEMS0X releases do.
+    default_target = "flow" if data.suffix.lower() == ".npz" and spec is None else protocol.target
+    options = ReadOptions(key=key, target=cfg.target or default_target,
+                          start=cfg.start or start, step_minutes=cfg.step_minutes or protocol.step_minutes, ids=ids)
+    return Source(data, graph, options, weights, protocol)
 
 
 def resolve_paths(cfg: DataConfig) -> tuple[Path, Path, str | None]:
-    """``(speeds file, graph file, hdf5 key)`` that ``cfg`` points to."""
-    if cfg.data is not None:
-        if cfg.adj is None:
-            raise file_error(cfg.data, "no sensor graph given; pass --adj (DCRNN pickle or distances CSV)")
-        return Path(cfg.data), Path(cfg.adj), cfg.key
-    name = cfg.dataset
-    if name == "synthetic":
-        folder = synthetic_dir(cfg)
-        return folder / "speeds.h5", Path(cfg.adj or folder / "adj_mx.pkl"), "df"
-    if name in NAMED:
-        spec = NAMED[name]
-        root = data_root()
-        speeds, graph = root / spec["data"], Path(cfg.adj or root / spec["adj"])
-        for path in (speeds, graph):
-            if not path.exists():
-                raise file_error(path, f"{name} is not downloaded; see data/README.md for where to get "
-                                 f"{path.name} and put it at {path} (or set GWNET_DATA)")
-        return speeds, graph, cfg.key or spec["key"]
-    folder = Path(name)
-    if not folder.is_dir():
-        raise GWNetError(f"{name}: not a dataset name (synthetic, metr-la, pems-bay) nor a directory")
-    speeds, graph = _find_in_dir(folder)
-    return speeds, Path(cfg.adj) if cfg.adj else graph, cfg.key
+    """``(readings file, graph file, hdf5 key)`` that ``cfg`` points to."""
+    source = resolve_source(cfg)
+    return source.data, source.graph, source.options.key
+
+
+def resolved_config(cfg: DataConfig, protocol: Protocol, speeds: pd.DataFrame, target: str | None) -> DataConfig:
+    """``cfg`` with the options its protocol and its files decide filled in (a copy)."""
+    step = infer_step(speeds.index) if len(speeds) > 1 else pd.Timedelta(minutes=cfg.step_minutes or
+                                                                          protocol.step_minutes)
+    minutes = step // pd.Timedelta(minutes=1)
+    if cfg.step_minutes is not None and cfg.step_minutes != minutes:
+        raise GWNetError(f"step_minutes {cfg.step_minutes} given, but the readings are {minutes} minutes apart")
+    out = dataclasses.replace(
+        cfg, train_ratio=protocol.train_ratio if cfg.train_ratio is None else cfg.train_ratio,
+        test_ratio=protocol.test_ratio if cfg.test_ratio is None else cfg.test_ratio,
+        target=cfg.target or target or protocol.target,
+        unit=protocol.unit if cfg.unit is None else cfg.unit, step_minutes=int(minutes))
+    out.protocol = protocol.describe(out.train_ratio, out.test_ratio, out.target, out.unit, out.step_minutes)
+    return out
 
 
 @dataclass
@@ -105,14 +160,34 @@ class TrafficData:
     scaler: StandardScaler
     source: str = "data"
 
+    protocol: Protocol = protocol_of("", True)
+
     @classmethod
     def from_frames(cls, speeds: pd.DataFrame, graph: SensorGraph, cfg: DataConfig,
                     scaler: StandardScaler | None = None, source: str = "data",
-                    graph_source: str = "graph") -> "TrafficData":
+                    graph_source: str = "graph", protocol: Protocol | None = None) -> "TrafficData":
+        """Window ``speeds`` (time x sensors, any non-negative quantity) on ``graph`` (aligned
+        by sensor id; see :mod:`gwnet.data.graph` for PyG edge_index and other inputs)."""
+        protocol = protocol or protocol_of(cfg.dataset, cfg.data is not None)
+        cfg = resolved_config(cfg, protocol, speeds, None)
         graph = align_graph(graph, [str(c) for c in speeds.columns], graph_source)
         series = build_series(speeds, cfg)
         windows, scaler = make_splits(series, speeds.index, cfg, source, scaler)
-        return cls(speeds, graph, cfg, series, windows, scaler, source)
+        return cls(speeds, graph, cfg, series, windows, scaler, source, protocol)
+
+    @property
+    def step(self) -> pd.Timedelta:
+        """Time between readings."""
+        return pd.Timedelta(minutes=self.config.step_minutes)
+
+    @property
+    def clamp_max(self) -> float:
+        """The upper clamp of forecasts: the protocol's, else the largest training reading."""
+        if self.protocol.clamp_max is not None:
+            return float(self.protocol.clamp_max)
+        train = self.windows["train"]
+        rows = train.stop + train.seq_len - 1 + train.first_offset + train.horizon - 1
+        return float(self.series.speeds[:rows].max())
 
     @property
     def sensor_ids(self) -> list[str]:
@@ -133,10 +208,12 @@ class TrafficData:
 
 
 def load_data(cfg: DataConfig, scaler: StandardScaler | None = None) -> TrafficData:
-    """Read and window the data ``cfg`` describes (see :func:`resolve_paths`)."""
-    speeds_path, graph_path, key = resolve_paths(cfg)
-    speeds = read_speeds(speeds_path, key)
-    graph = read_graph(graph_path, sensor_ids=[str(c) for c in speeds.columns],
-                       normalized_k=cfg.normalized_k)
-    return TrafficData.from_frames(speeds, graph, cfg, scaler, source=str(speeds_path),
-                                   graph_source=str(graph_path))
+    """Read and window the data ``cfg`` describes (see :func:`resolve_source`); the
+    returned data's ``config`` has the protocol's options filled in."""
+    source = resolve_source(cfg)
+    speeds = read_speeds(source.data, options=source.options)
+    graph = read_graph(source.graph, sensor_ids=[str(c) for c in speeds.columns],
+                       normalized_k=cfg.normalized_k, weights=source.adj_weights)
+    cfg = dataclasses.replace(cfg, target=cfg.target or source.options.target)
+    return TrafficData.from_frames(speeds, graph, cfg, scaler, source=str(source.data),
+                                   graph_source=str(source.graph), protocol=source.protocol)

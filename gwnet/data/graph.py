@@ -1,8 +1,16 @@
-"""Sensor graphs: the DCRNN adjacency pickle, a distances CSV, and alignment with the data.
+"""Sensor graphs: DCRNN's adjacency pickle, distances and edge-list CSVs, dense or sparse
+``.npy``/``.npz`` adjacencies, PyG ``edge_index`` tensors, and alignment with the data.
 
 A :class:`SensorGraph` is a list of sensor ids and a weighted directed adjacency whose
-row/column ``i`` belongs to ``sensor_ids[i]``. Graphs are matched to the speed columns by
-id, never by position.
+row/column ``i`` belongs to ``sensor_ids[i]``. Graphs are matched to the readings' columns by
+id, never by position; the formats that carry no ids (``.npy``, ``.npz``, ``edge_index``) are
+in the data's column order, as LargeST publishes them.
+
+How a CSV's edges become weights (``adj_weights``): ``kernel`` is DCRNN's thresholded
+Gaussian kernel of the road distances (METR-LA, PEMS-BAY; the default for a
+``from,to,distance`` CSV), ``binary`` is 1 in both directions for every listed pair (the
+usual use of the PEMS0X ``from,to,cost`` graphs, and of a two-column ``from,to`` list), ``given``
+takes a ``weight`` column as it is, in the listed direction.
 """
 from __future__ import annotations
 
@@ -15,7 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..errors import file_error
+from ..errors import GWNetError, file_error
+
+
+# Third-column names of a headered graph CSV (a header is also recognised by from,to).
+HEADER_NAMES = ("distance", "cost", "weight", "w")
 
 
 @dataclass
@@ -137,11 +149,13 @@ def gaussian_kernel_adjacency(distances: np.ndarray, normalized_k: float = 0.1) 
 
 
 def read_distances_csv(path: str | os.PathLike, sensor_ids: list[str] | None = None,
-                       normalized_k: float = 0.1) -> SensorGraph:
-    """Build a graph from a ``from,to,distance`` CSV (header optional) with DCRNN's kernel.
+                       normalized_k: float = 0.1, weights: str | None = None) -> SensorGraph:
+    """Build a graph from a ``from,to[,distance|cost|weight]`` CSV (header optional).
 
-    Without ``sensor_ids`` the nodes are every id that appears, in order of appearance.
-    Rows with an empty distance are skipped (no road distance known).
+    ``weights`` (see the module docstring) defaults by the third column's header: ``weight``
+    is ``given``, ``cost`` (PEMS0X) and no third column ``binary``, anything else
+    (``distance``, no header) DCRNN's ``kernel``. Without ``sensor_ids`` the nodes are every id that appears,
+    in order of appearance. Rows with an empty value are skipped (no road distance known).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -152,12 +166,22 @@ def read_distances_csv(path: str | os.PathLike, sensor_ids: list[str] | None = N
         raise file_error(path, "distances CSV is empty") from None
     except Exception as exc:
         raise file_error(path, f"cannot parse distances CSV ({exc})") from None
-    if table.shape[1] < 3:
-        raise file_error(path, "distances CSV needs three columns: from,to,distance")
+    if table.shape[1] < 2:
+        raise file_error(path, "graph CSV needs the columns from,to[,distance|cost|weight]")
+    header = None
+    first = [str(v).strip().lower() for v in table.iloc[0]]
+    if first[:2] == ["from", "to"] or table.shape[1] >= 3 and first[2] in HEADER_NAMES:
+        header, table = first, table.iloc[1:]
+    if table.shape[1] == 2:
+        table = table.assign(value="1")
+        weights = weights or "binary"
+    elif weights is None:
+        # A weight column is taken as it is; PEMS0X's from,to,cost lists the road links of
+        # neighbours, used as a binary undirected graph; distances get DCRNN's kernel.
+        third = header[2] if header is not None else None
+        weights = "given" if third in ("weight", "w") else "binary" if third == "cost" else "kernel"
     table = table.iloc[:, :3]
     table.columns = ["from", "to", "distance"]
-    if table.iloc[0]["distance"] is not None and str(table.iloc[0]["distance"]).strip().lower() == "distance":
-        table = table.iloc[1:]
     table = table.dropna(subset=["from", "to"])
     dist = pd.to_numeric(table["distance"], errors="coerce")
     bad = table["distance"].notna() & dist.isna()
@@ -173,17 +197,113 @@ def read_distances_csv(path: str | os.PathLike, sensor_ids: list[str] | None = N
     if not sensor_ids:
         raise file_error(path, "distances CSV lists no sensors")
     index = {s: i for i, s in enumerate(sensor_ids)}
-    dense = np.full((len(sensor_ids), len(sensor_ids)), np.inf, dtype=np.float64)
     keep = dist.notna().to_numpy()
-    for s, d, value in zip(np.asarray(src)[keep], np.asarray(dst)[keep], dist.to_numpy()[keep]):
-        if s in index and d in index:
-            dense[index[s], index[d]] = value
-    return SensorGraph(list(sensor_ids), gaussian_kernel_adjacency(dense, normalized_k))
+    pairs = [(index[s], index[d], value) for s, d, value in
+             zip(np.asarray(src)[keep], np.asarray(dst)[keep], dist.to_numpy()[keep]) if s in index and d in index]
+    n = len(sensor_ids)
+    linked = {i for i, j, _ in pairs if i != j} | {j for i, j, _ in pairs if i != j}
+    if not linked:
+        listed = next(iter(src), None)
+        raise file_error(path, f"no edges among the {n} sensors (the file lists ids like {listed!r}, the data "
+                         f"has ids like {sensor_ids[0]!r})")
+    if len(linked) < n:
+        warnings.warn(f"{path}: {n - len(linked)} of {n} sensors appear in no edge of the graph", stacklevel=2)
+    if weights == "kernel":
+        dense = np.full((n, n), np.inf, dtype=np.float64)
+        for i, j, value in pairs:
+            dense[i, j] = value
+        return SensorGraph(list(sensor_ids), gaussian_kernel_adjacency(dense, normalized_k))
+    adj = np.zeros((n, n), dtype=np.float32)
+    for i, j, value in pairs:
+        if weights == "binary":
+            adj[i, j] = adj[j, i] = 1.0
+        else:
+            adj[i, j] = value
+    return SensorGraph(list(sensor_ids), adj)
+
+
+def read_adjacency_array(path: str | os.PathLike, sensor_ids: list[str] | None = None,
+                         key: str | None = None) -> SensorGraph:
+    """A dense ``(N, N)`` ``.npy`` (LargeST's ``*_rn_adj.npy``) or a ``.npz`` holding a scipy
+    sparse matrix (``scipy.sparse.save_npz``) or one dense array, in the data's column order
+    (``sensor_ids``; without them the nodes are 0..N-1). Read without unpickling."""
+    import scipy.sparse as sp
+
+    path = os.fspath(path)
+    try:
+        if path.lower().endswith(".npy"):
+            adj = np.load(path, allow_pickle=False)
+        else:
+            with np.load(path, allow_pickle=False) as npz:
+                names = list(npz.files)
+            if {"data", "indices", "indptr", "shape", "format"} <= set(names) or {"row", "col", "shape"} <= set(names):
+                adj = sp.load_npz(path).toarray()
+            else:
+                name = key if key in names else (names[0] if len(names) == 1 else "adj" if "adj" in names else None)
+                if name is None:
+                    raise file_error(path, f"holds {', '.join(names)}; which one is the adjacency?")
+                with np.load(path, allow_pickle=False) as npz:
+                    adj = npz[name]
+    except GWNetError:
+        raise
+    except Exception as exc:
+        raise file_error(path, f"not a readable adjacency array ({' '.join(str(exc).split())[:160]})") from None
+    if adj.ndim != 2 or adj.shape[0] != adj.shape[1]:
+        raise file_error(path, f"adjacency must be square (N, N), got shape {adj.shape}")
+    if adj.dtype.kind not in "fiub":
+        raise file_error(path, f"adjacency is not numeric ({adj.dtype})")
+    adj = adj.astype(np.float32)
+    if not np.isfinite(adj).all() or (adj < 0).any():
+        raise file_error(path, "adjacency holds negative or non-finite weights")
+    ids = list(sensor_ids) if sensor_ids is not None else [str(i) for i in range(adj.shape[0])]
+    if len(ids) != adj.shape[0]:
+        raise file_error(path, f"adjacency is {adj.shape[0]} x {adj.shape[0]}, the data has {len(ids)} sensors "
+                         "(an array graph follows the data's column order)")
+    return SensorGraph(ids, adj)
+
+
+def graph_from_edge_index(edge_index, edge_weight=None, sensor_ids: list[str] | None = None,
+                          num_nodes: int | None = None) -> SensorGraph:
+    """A graph from a PyG-style ``edge_index`` ``(2, E)`` (row 0 source, row 1 target, node
+    positions in the data's column order) and optional ``edge_weight`` ``(E,)`` (default 1)."""
+    edges = np.asarray(edge_index.detach().cpu() if hasattr(edge_index, "detach") else edge_index)
+    if edges.ndim != 2 or edges.shape[0] != 2 or edges.dtype.kind not in "iu":
+        raise GWNetError(f"edge_index must be an integer array of shape (2, E), got {edges.dtype} {edges.shape}")
+    n = len(sensor_ids) if sensor_ids is not None else num_nodes
+    if n is None:
+        n = int(edges.max()) + 1 if edges.size else 0
+    if edges.size and (edges.min() < 0 or edges.max() >= n):
+        raise GWNetError(f"edge_index refers to node {int(edges.max())}, but the graph has {n} nodes")
+    if edge_weight is None:
+        weight = np.ones(edges.shape[1], dtype=np.float32)
+    else:
+        weight = np.asarray(edge_weight.detach().cpu() if hasattr(edge_weight, "detach") else edge_weight,
+                            dtype=np.float32).reshape(-1)
+        if weight.shape[0] != edges.shape[1]:
+            raise GWNetError(f"edge_weight has {weight.shape[0]} entries for {edges.shape[1]} edges")
+        if not np.isfinite(weight).all() or (weight < 0).any():
+            raise GWNetError("edge_weight holds negative or non-finite weights")
+    adj = np.zeros((n, n), dtype=np.float32)
+    np.add.at(adj, (edges[0], edges[1]), weight)
+    return SensorGraph(list(sensor_ids) if sensor_ids is not None else [str(i) for i in range(n)], adj)
+
+
+def graph_from_pyg(data, sensor_ids: list[str] | None = None) -> SensorGraph:
+    """A graph from a ``torch_geometric.data.Data`` (its ``edge_index``, and ``edge_weight`` or
+    a one-column ``edge_attr``); torch-geometric itself is not imported."""
+    weight = getattr(data, "edge_weight", None)
+    if weight is None and getattr(data, "edge_attr", None) is not None:
+        weight = data.edge_attr
+        if weight.dim() > 1 and weight.shape[-1] != 1:
+            raise GWNetError(f"edge_attr has {weight.shape[-1]} columns; pass one weight per edge as edge_weight")
+    return graph_from_edge_index(data.edge_index, weight, sensor_ids, getattr(data, "num_nodes", None))
 
 
 def read_graph(path: str | os.PathLike, sensor_ids: list[str] | None = None,
-               normalized_k: float = 0.1) -> SensorGraph:
-    """Read a graph file by extension: ``.pkl`` (DCRNN pickle) or ``.csv`` (distances)."""
+               normalized_k: float = 0.1, weights: str | None = None) -> SensorGraph:
+    """Read a graph file by extension: ``.pkl`` (DCRNN pickle), ``.csv`` (distances or an
+    edge list, ``weights`` as in :func:`read_distances_csv`), ``.npy``/``.npz`` (an adjacency
+    in the data's column order ``sensor_ids``)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise file_error(path, "no such graph file")
@@ -191,8 +311,11 @@ def read_graph(path: str | os.PathLike, sensor_ids: list[str] | None = None,
     if ext in (".pkl", ".pickle"):
         return read_adjacency_pickle(path)
     if ext in (".csv", ".txt"):
-        return read_distances_csv(path, sensor_ids, normalized_k)
-    raise file_error(path, "graph must be a DCRNN pickle (.pkl) or a distances CSV (.csv)")
+        return read_distances_csv(path, sensor_ids, normalized_k, weights)
+    if ext in (".npy", ".npz"):
+        return read_adjacency_array(path, sensor_ids)
+    raise file_error(path, "graph must be a DCRNN pickle (.pkl), a distances or edge-list CSV (.csv), "
+                     "or an adjacency array (.npy, .npz)")
 
 
 def align_graph(graph: SensorGraph, sensor_ids: list[str], source: str = "graph") -> SensorGraph:

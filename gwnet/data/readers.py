@@ -1,9 +1,12 @@
-"""Readers for speed tables: pandas' fixed-format HDF5 (METR-LA, PEMS-BAY), CSV and Parquet.
+"""Readers for readings tables: pandas' fixed-format HDF5 (METR-LA, PEMS-BAY, LargeST), CSV,
+Parquet, and the PEMS0X ``.npz`` arrays.
 
-Every reader returns the same thing: a float32 ``DataFrame`` with a regular 5-minute
-``DatetimeIndex`` and one string-named column per sensor, where 0.0 marks a missing reading.
-Readers are registered by file extension in :data:`gwnet.registry.READERS`: a new format is
-one function ``(path, key, dtype) -> DataFrame`` decorated with ``@register_reader(".ext")``;
+Every reader returns the same thing: a float32 ``DataFrame`` with a regular ``DatetimeIndex``
+(any step of whole minutes that divides a day: 1, 5, 15, 60...) and one string-named column
+per sensor, where 0.0 marks a missing reading. The readings may be speeds, flows or any
+non-negative quantity (``DataConfig.target`` names it). Readers are registered by file
+extension in :data:`gwnet.registry.READERS`: a new format is one function
+``(path, options, dtype) -> DataFrame`` decorated with ``@register_reader(".ext")``;
 :func:`read_speeds` then checks what it returns like any other.
 The HDF5 files are read with h5py alone: pandas' fixed layout is a group holding ``axis0``
 (column labels), ``axis1`` (timestamps as integers) and ``block{i}_items``/``block{i}_values``.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -20,13 +24,30 @@ import pandas as pd
 from ..errors import GWNetError, file_error
 from ..registry import READERS
 
-STEP = pd.Timedelta(minutes=5)
+STEP = pd.Timedelta(minutes=5)  # METR-LA's and PEMS0X's step, the default of files without timestamps
 HDF5_EXTS = (".h5", ".hdf5", ".hdf")
-Reader = Callable[[str, Optional[str], Any], pd.DataFrame]
+DAY_MINUTES = 1440
+# PEMS0X's feature order (PEMS04/08 carry three, PEMS03/07 flow only).
+PEMS_FEATURES = ("flow", "occupancy", "speed")
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """What a reader may need besides the path: an HDF5/npz key, the target feature of a
+    multi-feature file, and for files without timestamps their start, step and sensor ids."""
+
+    key: Optional[str] = None
+    target: Optional[str] = None
+    start: Optional[str] = None
+    step_minutes: Optional[int] = None
+    ids: Optional[str] = None  # a file with one sensor id per line, in column order
+
+
+Reader = Callable[[str, ReadOptions, Any], pd.DataFrame]
 
 
 def register_reader(*extensions: str) -> Callable[[Reader], Reader]:
-    """Decorator registering ``reader(path, key, dtype)`` for files ending in ``extensions``."""
+    """Decorator registering ``reader(path, options, dtype)`` for files ending in ``extensions``."""
     def deco(reader: Reader) -> Reader:
         for ext in extensions:
             READERS.add(ext.lower(), reader)
@@ -90,6 +111,10 @@ def _read_fixed_frame(path: str, group, dtype) -> pd.DataFrame:
 
 
 @register_reader(*HDF5_EXTS)
+def _read_hdf5_file(path: str, options: ReadOptions, dtype=np.float32) -> pd.DataFrame:
+    return read_hdf5(path, options.key, dtype)
+
+
 def read_hdf5(path: str, key: str | None = None, dtype=np.float32) -> pd.DataFrame:
     """Read a frame from a pandas fixed-format HDF5 file; ``key`` is needed if it holds several."""
     import h5py
@@ -117,15 +142,77 @@ def read_hdf5(path: str, key: str | None = None, dtype=np.float32) -> pd.DataFra
 
 
 @register_reader(".csv")
-def read_csv(path: str, key: str | None = None, dtype=np.float32) -> pd.DataFrame:
+def read_csv(path: str, options: ReadOptions = ReadOptions(), dtype=np.float32) -> pd.DataFrame:
     """A CSV table: timestamps in the first column, one column per sensor id."""
     return _read_table(path, ".csv")
 
 
 @register_reader(".parquet", ".pq")
-def read_parquet(path: str, key: str | None = None, dtype=np.float32) -> pd.DataFrame:
+def read_parquet(path: str, options: ReadOptions = ReadOptions(), dtype=np.float32) -> pd.DataFrame:
     """A Parquet table: a timestamp index (or first column), one column per sensor id."""
     return _read_table(path, ".parquet")
+
+
+@register_reader(".npz")
+def read_npz(path: str, options: ReadOptions = ReadOptions(), dtype=np.float32) -> pd.DataFrame:
+    """A PEMS0X-style array: key ``data`` (or ``options.key``, or the only array) of shape
+    ``(steps, sensors, features)`` or ``(steps, sensors)``, without timestamps.
+
+    The target feature is picked by name: PEMS04/08's three features are flow, occupancy and
+    speed; a one-feature file holds the target itself. Timestamps start at ``options.start``
+    (the dataset's conventional start; midnight of 2000-01-01 with a warning when unknown) in
+    steps of ``options.step_minutes`` (default 5). Sensor ids come from ``options.ids`` (one
+    per line, as PEMS03.txt) when that file exists, else they are 0..N-1 as in PEMS04/07/08's
+    graph files. The file is read without unpickling (``allow_pickle=False``).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = list(npz.files)
+            key = options.key if options.key in names else ("data" if "data" in names else None)
+            if key is None and len(names) == 1:
+                key = names[0]
+            if key is None:
+                raise file_error(path, f"holds {', '.join(names) or 'no arrays'}; choose the readings with --key")
+            array = npz[key]
+    except GWNetError:
+        raise
+    except Exception as exc:  # zip and format errors alike
+        raise file_error(path, f"not a readable .npz ({' '.join(str(exc).split())[:160]})") from None
+    if array.dtype.kind not in "fiu":
+        raise file_error(path, f"array {key!r} is not numeric ({array.dtype})")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3:
+        raise file_error(path, f"array {key!r} has shape {array.shape}; expected (steps, sensors, features)")
+    features = array.shape[2]
+    names = PEMS_FEATURES if features == 3 else None
+    target = options.target or "flow"
+    if features == 1:
+        column = 0
+    elif names is not None and target in names:
+        column = names.index(target)
+    else:
+        known = ", ".join(names) if names else f"feature0..feature{features - 1}"
+        if target.startswith("feature") and target[7:].isdigit() and int(target[7:]) < features:
+            column = int(target[7:])
+        else:
+            raise file_error(path, f"has {features} features; choose the target with --target ({known})")
+    steps, sensors = array.shape[:2]
+    ids = [str(i) for i in range(sensors)]
+    if options.ids and os.path.isfile(options.ids):
+        with open(options.ids) as fh:
+            ids = [line.strip() for line in fh if line.strip()]
+        if len(ids) != sensors:
+            raise file_error(options.ids, f"lists {len(ids)} sensor ids, {path} has {sensors} sensors")
+    if options.start is None:
+        warnings.warn(f"{path}: no timestamps in the file; the first reading is taken as 2000-01-01 00:00 "
+                      "(set --start for time-of-day features on the real clock)", stacklevel=3)
+    step = pd.Timedelta(minutes=options.step_minutes or 5)
+    try:
+        index = pd.date_range(pd.Timestamp(options.start or "2000-01-01"), periods=steps, freq=step)
+    except (TypeError, ValueError):
+        raise file_error(path, f"start {options.start!r} is not a timestamp") from None
+    return pd.DataFrame(array[:, :, column].astype(dtype, copy=False), index=index, columns=ids)
 
 
 def _read_table(path: str, ext: str) -> pd.DataFrame:
@@ -152,7 +239,8 @@ def _read_table(path: str, ext: str) -> pd.DataFrame:
     return frame
 
 
-def read_speeds(path: str | os.PathLike, key: str | None = None, dtype=np.float32) -> pd.DataFrame:
+def read_speeds(path: str | os.PathLike, key: str | None = None, dtype=np.float32,
+                options: ReadOptions | None = None) -> pd.DataFrame:
     """Read a speed table (time x sensors) with the reader registered for its extension
     (``.h5``, ``.csv``, ``.parquet``, ...) and check it.
 
@@ -171,16 +259,20 @@ def read_speeds(path: str | os.PathLike, key: str | None = None, dtype=np.float3
     ext = os.path.splitext(path)[1].lower()
     if ext not in READERS:
         raise file_error(path, f"speeds must be {'/'.join(READERS)} files (no reader for {ext or 'no extension'})")
-    return check_speeds(READERS[ext](path, key, dtype), path, dtype)
+    options = options or ReadOptions()
+    if key is not None:
+        options = ReadOptions(key, options.target, options.start, options.step_minutes, options.ids)
+    return check_speeds(READERS[ext](path, options, dtype), path, dtype)
 
 
 def check_speeds(frame: pd.DataFrame, source: str = "data", dtype=np.float32) -> pd.DataFrame:
     """Validate and normalise a speed table.
 
     Errors: no rows or columns, duplicate sensor ids, non-numeric columns, timestamps that are
-    unsorted, duplicated or not on a 5-minute grid, infinite or negative speeds.
+    unsorted, duplicated or not on a regular grid (see :func:`infer_step`), infinite or
+    negative readings.
     Repairs (with a warning): NaN readings become 0.0 (missing), and gaps in the index are
-    filled with missing rows so that every step is 5 minutes.
+    filled with missing rows so that every step has the same length.
     """
     if frame.shape[0] == 0 or frame.shape[1] == 0:
         raise file_error(source, "table has no rows or no sensor columns")
@@ -210,14 +302,26 @@ def check_speeds(frame: pd.DataFrame, source: str = "data", dtype=np.float32) ->
     if (values < 0).any():
         raise file_error(source, f"negative speeds (minimum {values.min():g})")
     if len(index) > 1:
+        step = infer_step(index, source)
         steps = np.diff(index.as_unit("ns").asi8)
-        step_ns = STEP.value
-        if (steps % step_ns).any():
-            raise file_error(source, "timestamps are not on a 5-minute grid")
-        if (steps != step_ns).any():
-            full = pd.date_range(index[0], index[-1], freq=STEP)
-            warnings.warn(f"{source}: {len(full) - len(index)} missing 5-minute steps filled as missing readings",
-                          stacklevel=2)
+        if (steps != step.value).any():
+            full = pd.date_range(index[0], index[-1], freq=step)
+            minutes = step // pd.Timedelta(minutes=1)
+            warnings.warn(f"{source}: {len(full) - len(index)} missing {minutes}-minute steps filled as missing "
+                          "readings", stacklevel=2)
             out = pd.DataFrame(values, index=index, columns=columns).reindex(full, fill_value=0.0)
             return out.astype(dtype)
     return pd.DataFrame(values, index=pd.DatetimeIndex(index), columns=columns)
+
+
+def infer_step(index: pd.DatetimeIndex, source: str = "data") -> pd.Timedelta:
+    """The step of a sorted index: its smallest gap, which every gap must be a multiple of, in
+    whole minutes that divide a day (so that time-of-day slots are whole)."""
+    steps = np.diff(index.as_unit("ns").asi8)
+    step = int(steps.min())
+    minute = pd.Timedelta(minutes=1).value
+    if step % minute or DAY_MINUTES % (step // minute) or (steps % step).any():
+        shown = ", ".join(sorted({str(pd.Timedelta(int(v))) for v in steps[:1000]})[:3])
+        raise file_error(source, f"timestamps are not on a regular grid (gaps {shown}): the step must be whole "
+                         "minutes dividing a day, e.g. a 5-minute grid")
+    return pd.Timedelta(step)

@@ -80,12 +80,45 @@ NETWORK_GAPS_PER_DAY = 1 / 30
 
 @dataclass
 class SyntheticTraffic:
-    """A generated dataset; ``speeds`` columns, ``graph`` and ``locations`` share one order."""
+    """A generated dataset; ``speeds`` columns, ``graph`` and ``locations`` share one order.
+
+    ``flow`` (vehicles per step) and ``occupancy`` (share of time a detector is covered) are
+    the same traffic seen as PEMS counts it; ``links`` are the road links between sensors
+    (upstream, downstream column positions) with ``link_m`` their lengths.
+    """
 
     speeds: pd.DataFrame
     graph: SensorGraph
     distances: pd.DataFrame
     locations: pd.DataFrame
+    flow: pd.DataFrame | None = None
+    occupancy: pd.DataFrame | None = None
+    links: np.ndarray | None = None
+    link_m: np.ndarray | None = None
+    lanes: np.ndarray | None = None
+
+    def resampled(self, step_minutes: int) -> "SyntheticTraffic":
+        """The same traffic at a coarser step (a multiple of 5 minutes): flows summed, speeds
+        and occupancies averaged over the readings present; missing where all are."""
+        if step_minutes % 5 or step_minutes < 5 or 1440 % step_minutes:
+            raise GWNetError(f"synthetic data: step must be a multiple of 5 minutes dividing a day, got {step_minutes}")
+        k = step_minutes // 5
+        if k == 1:
+            return self
+        steps = len(self.speeds) // k * k
+
+        def pool(frame: pd.DataFrame, how: str) -> pd.DataFrame:
+            values = frame.to_numpy()[:steps].reshape(steps // k, k, -1)
+            present = values > 0
+            count = present.sum(axis=1)
+            total = values.sum(axis=1)
+            out = total if how == "sum" else total / np.maximum(count, 1)
+            out = np.where(count > 0, out, 0.0).astype(np.float32)
+            return pd.DataFrame(out, index=frame.index[:steps:k], columns=frame.columns)
+
+        return SyntheticTraffic(pool(self.speeds, "mean"), self.graph, self.distances, self.locations,
+                                pool(self.flow, "sum"), pool(self.occupancy, "mean"), self.links, self.link_m,
+                                self.lanes)
 
 
 @dataclass
@@ -113,7 +146,11 @@ def generate(nodes: int = 40, days: int = 14, seed: int = 0,
         raise GWNetError(f"synthetic data: start {start!r} is not a date") from None
     rng = np.random.default_rng(seed)
     net = _road_network(nodes, rng)
-    speeds = _simulate(net, index, rng)
+    speeds, demand, capacity, congestion = _simulate_traffic(net, index, rng)
+    # Counts draw from their own stream, so the speeds of a seed are those of earlier versions.
+    count_rng = np.random.default_rng([seed, 1])
+    lanes = count_rng.integers(2, 7, nodes)
+    flow, occupancy = _counts(speeds, demand, capacity, congestion, lanes, count_rng)
     # Publish the sensors in a random order with random ids, as real files are: neither the
     # column position nor the id may tell a model which sensors are neighbours.
     order = rng.permutation(nodes)
@@ -122,8 +159,12 @@ def generate(nodes: int = 40, days: int = 14, seed: int = 0,
     src, dst = np.nonzero(np.isfinite(dist))
     lat = CENTER_LAT + net.xy[order, 1] / M_PER_DEG_LAT
     lon = CENTER_LON + net.xy[order, 0] / M_PER_DEG_LON
+    position = np.argsort(order)  # layout index -> published column
     return SyntheticTraffic(
         speeds=pd.DataFrame(speeds[:, order], index=index, columns=ids),
+        flow=pd.DataFrame(flow[:, order], index=index, columns=ids),
+        occupancy=pd.DataFrame(occupancy[:, order], index=index, columns=ids),
+        links=position[net.links], link_m=net.link_m.copy(), lanes=lanes[order],
         graph=SensorGraph(ids, gaussian_kernel_adjacency(dist, KERNEL_K)),
         distances=pd.DataFrame({"from": [ids[i] for i in src], "to": [ids[j] for j in dst],
                                 "distance": dist[src, dst]}),
@@ -132,37 +173,87 @@ def generate(nodes: int = 40, days: int = 14, seed: int = 0,
     )
 
 
-def write(out_dir: str | os.PathLike, nodes: int = 40, days: int = 14,
-          seed: int = 0) -> dict[str, Path]:
-    """Generate a dataset and write it in the METR-LA file formats into ``out_dir``.
+LAYOUTS = ("metr-la", "pems", "largest")
+TARGETS = ("speed", "flow", "occupancy")
 
-    Returns the paths under the keys ``speeds``, ``adj``, ``distances`` and ``locations``.
-    Each file appears complete or not at all, and ``speeds.h5`` is written last.
+
+def write(out_dir: str | os.PathLike, nodes: int = 40, days: int = 14, seed: int = 0,
+          layout: str = "metr-la", step: int | None = None, target: str | None = None,
+          name: str | None = None) -> dict[str, Path]:
+    """Generate a dataset and write it in one published layout into ``out_dir``.
+
+    ``metr-la`` (default: 5-minute speeds): ``speeds.h5`` (pandas frame, key ``df``), DCRNN's
+    ``adj_mx.pkl``, ``distances.csv`` and ``locations.csv``; with ``target`` flow or
+    occupancy, the frame holds that quantity instead.
+    ``pems`` (PEMS04/08, 5 minutes): ``NAME.npz`` with key ``data`` of shape (steps, sensors,
+    3) holding flow, occupancy and speed, and ``NAME.csv`` with ``from,to,cost`` (meters)
+    for every road link, sensors numbered 0..N-1 (default NAME: synthetic).
+    ``largest`` (LargeST, 15 minutes, flow): ``NAME_his_2019.h5`` (pandas frame, key ``t``),
+    ``NAME_rn_adj.npy`` (the dense adjacency in the frame's column order) and ``NAME_meta.csv``
+    (ID, Lat, Lng, District, County, Fwy, Lane, Type, Direction).
+
+    Returns the written paths by role (``speeds`` is the readings file, ``adj`` the graph).
+    Each file appears complete or not at all, and the readings file is written last.
     """
-    data = generate(nodes, days, seed)
+    if layout not in LAYOUTS:
+        raise GWNetError(f"synthetic data: unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    target = target or ("flow" if layout == "largest" else "speed")
+    if target not in TARGETS:
+        raise GWNetError(f"synthetic data: unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    step = step or (15 if layout == "largest" else 5)
+    data = generate(nodes, days, seed).resampled(step)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GWNetError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
     ids = data.graph.sensor_ids
-    triple = [list(ids), {s: i for i, s in enumerate(ids)}, data.graph.adj]
+    readings = {"speed": data.speeds, "flow": data.flow, "occupancy": data.occupancy}[target]
+    name = name or "synthetic"
+    writers: dict[str, tuple[str, Callable[[Path], None]]]
+    if layout == "metr-la":
+        triple = [list(ids), {s: i for i, s in enumerate(ids)}, data.graph.adj]
 
-    def dump_pickle(path: Path) -> None:
-        with open(path, "wb") as fh:
-            pickle.dump(triple, fh, protocol=2)  # protocol 2: what DCRNN's files use
+        def dump_pickle(path: Path) -> None:
+            with open(path, "wb") as fh:
+                pickle.dump(triple, fh, protocol=2)  # protocol 2: what DCRNN's files use
 
-    # The speeds go last: a folder that holds speeds.h5 holds the whole dataset.
-    writers: dict[str, tuple[str, Callable[[Path], None]]] = {
-        "distances": ("distances.csv", lambda p: data.distances.to_csv(p, index=False)),
-        # METR-LA's graph_sensor_locations.csv carries the row number as an "index" column.
-        "locations": ("locations.csv", lambda p: data.locations.to_csv(p, index_label="index")),
-        "adj": ("adj_mx.pkl", dump_pickle),
-        "speeds": ("speeds.h5", lambda p: data.speeds.to_hdf(p, key="df", mode="w", format="fixed")),
-    }
+        # The speeds go last: a folder that holds speeds.h5 holds the whole dataset.
+        writers = {
+            "distances": ("distances.csv", lambda p: data.distances.to_csv(p, index=False)),
+            # METR-LA's graph_sensor_locations.csv carries the row number as an "index" column.
+            "locations": ("locations.csv", lambda p: data.locations.to_csv(p, index_label="index")),
+            "adj": ("adj_mx.pkl", dump_pickle),
+            "speeds": ("speeds.h5", lambda p: readings.to_hdf(p, key="df", mode="w", format="fixed")),
+        }
+    elif layout == "pems":
+        edges = pd.DataFrame({"from": data.links[:, 0], "to": data.links[:, 1], "cost": np.round(data.link_m, 1)})
+        array = np.stack([data.flow.to_numpy(), data.occupancy.to_numpy(), data.speeds.to_numpy()], axis=-1)
+
+        def dump_npz(path: Path) -> None:
+            with open(path, "wb") as fh:
+                np.savez_compressed(fh, data=array.astype(np.float32))
+
+        writers = {"adj": (f"{name}.csv", lambda p: edges.to_csv(p, index=False)),
+                   "speeds": (f"{name}.npz", dump_npz)}
+    else:
+        loc = data.locations
+        meta = pd.DataFrame({"ID": [int(i) for i in ids], "Lat": loc["latitude"], "Lng": loc["longitude"],
+                             "District": 7, "County": "Los Angeles", "Fwy": "I-5", "Lane": data.lanes,
+                             "Type": "Mainline", "Direction": "N"})
+        frame = readings.copy()
+        frame.columns = [int(i) for i in ids]  # LargeST's columns are integer sensor ids
+
+        def dump_npy(path: Path) -> None:
+            with open(path, "wb") as fh:
+                np.save(fh, data.graph.adj.astype(np.float32))
+
+        writers = {"meta": (f"{name}_meta.csv", lambda p: meta.to_csv(p, index=False)),
+                   "adj": (f"{name}_rn_adj.npy", dump_npy),
+                   "speeds": (f"{name}_his_2019.h5", lambda p: frame.to_hdf(p, key="t", mode="w", format="fixed"))}
     paths = {}
-    for key, (name, write_to) in writers.items():
-        paths[key] = _atomic_write(out / name, write_to)
+    for key, (filename, write_to) in writers.items():
+        paths[key] = _atomic_write(out / filename, write_to)
     return paths
 
 
@@ -312,6 +403,12 @@ def _demand_profiles(index: pd.DatetimeIndex, inbound: np.ndarray,
 
 def _simulate(net: _Network, index: pd.DatetimeIndex, rng: np.random.Generator) -> np.ndarray:
     """``(T, N)`` float32 speeds in layout order, 0.0 where a reading is missing."""
+    return _simulate_traffic(net, index, rng)[0]
+
+
+def _simulate_traffic(net: _Network, index: pd.DatetimeIndex,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Speeds (as :func:`_simulate`), and the demand, capacity and congestion behind them."""
     steps, nodes = len(index), net.xy.shape[0]
 
     # Demand per sensor: its carriageway's profile, a local factor and a slow wander.
@@ -339,7 +436,27 @@ def _simulate(net: _Network, index: pd.DatetimeIndex, rng: np.random.Generator) 
     speed += (1.2 + 2.0 * congestion) * _ar1(rng, (steps, nodes), phi=0.5, sd=1.0)
     speed = np.clip(speed, MIN_SPEED, MAX_SPEED).astype(np.float32)
     speed[_missing_mask(rng, steps, nodes)] = 0.0
-    return speed
+    return speed, demand, capacity, congestion
+
+
+def _counts(speed: np.ndarray, demand: np.ndarray, capacity: np.ndarray, congestion: np.ndarray,
+            lanes: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Flow (vehicles per 5 minutes) and occupancy (fraction) from the simulated traffic.
+
+    A sensor passes the demand up to its capacity (2,000 vehicles an hour per lane at a
+    relative capacity of 1); a queue discharges below capacity (the capacity drop), so flow
+    falls as congestion deepens while occupancy rises: the density, flow / speed, times an
+    effective vehicle length of 20 ft. Missing speeds are missing counts too.
+    """
+    served = np.minimum(np.clip(demand, 0.0, None), capacity) * (1.0 - 0.35 * congestion)
+    per_hour_lane = 2000.0 * served * rng.lognormal(0.0, 0.05, served.shape)
+    flow = np.maximum(np.round(per_hour_lane * lanes / 12.0), 1.0)  # 0 is reserved for "missing"
+    density = per_hour_lane / np.maximum(speed, MIN_SPEED)  # vehicles per mile and lane
+    occupancy = np.clip(density * 20.0 / 5280.0, 0.0, 1.0)
+    missing = speed == 0
+    flow[missing] = 0.0
+    occupancy[missing] = 0.0
+    return flow.astype(np.float32), occupancy.astype(np.float32)
 
 
 def _propagate(net: _Network, drive: np.ndarray, demand: np.ndarray) -> np.ndarray:

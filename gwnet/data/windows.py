@@ -139,7 +139,7 @@ def split_ranges(num_steps: int, cfg: DataConfig, source: str = "data") -> dict[
         span = cfg.seq_len + cfg.first_offset + cfg.horizon - 1
         raise file_error(source, f"{num_steps} steps are too few for one window of {span} steps")
     ranges, start = {}, 0
-    for name, size in split_sizes(n, cfg.train_ratio, cfg.test_ratio).items():
+    for name, size in split_sizes(n, *cfg.split()).items():
         ranges[name] = range(start, start + size)
         start += size
     return ranges

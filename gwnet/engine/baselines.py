@@ -13,7 +13,6 @@ from ..data.scaler import StandardScaler
 from .metrics import MetricAccumulator
 
 RAW = StandardScaler(mean=0.0, std=1.0)  # leaves readings as they are
-SLOTS_PER_DAY = 288
 
 
 def last_value(x_raw: torch.Tensor, horizon: int, fallback: float) -> torch.Tensor:
@@ -30,18 +29,21 @@ def last_value(x_raw: torch.Tensor, horizon: int, fallback: float) -> torch.Tens
     return value.unsqueeze(1).expand(-1, horizon, -1)
 
 
-def _slots(times: np.ndarray) -> np.ndarray:
+def _slots(times: np.ndarray, step_minutes: int = 5) -> np.ndarray:
     minutes = (times.astype("datetime64[m]") - times.astype("datetime64[D]")).astype(np.int64)
-    return minutes // 5 % SLOTS_PER_DAY
+    return minutes // step_minutes % (1440 // step_minutes)
 
 
 def historical_average_table(data: TrafficData) -> np.ndarray:
-    """``(288, N)`` mean non-missing speed per 5-minute slot of the day, from training targets."""
+    """``(slots, N)`` mean non-missing reading per slot of the day (288 for 5-minute data),
+    from the training targets."""
+    step = data.config.step_minutes
+    slots_per_day = 1440 // step
     train = data.windows["train"]
     rows = train.stop + train.seq_len - 1 + train.first_offset + train.horizon - 1
     speeds = data.series.speeds[:rows].numpy().astype(np.float64)
-    slots = _slots(data.speeds.index.to_numpy()[:rows])
-    total = np.zeros((SLOTS_PER_DAY, speeds.shape[1]))
+    slots = _slots(data.speeds.index.to_numpy()[:rows], step)
+    total = np.zeros((slots_per_day, speeds.shape[1]))
     count = np.zeros_like(total)
     np.add.at(total, slots, speeds)
     np.add.at(count, slots, speeds != 0)
@@ -60,7 +62,7 @@ def evaluate_baseline(data: TrafficData, name: str, split: str = "test",
         if table is None:
             pred = last_value(x, windows.horizon, data.scaler.mean)
         else:
-            slots = _slots(target_times[start:start + len(x)])
+            slots = _slots(target_times[start:start + len(x)], data.config.step_minutes)
             pred = torch.from_numpy(table[slots])
         acc.update(pred, y)
     return acc

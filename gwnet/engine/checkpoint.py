@@ -6,9 +6,10 @@ model's registered name and its config, scaler, sensor ids, graph), ``last.pt`` 
 plus the optimizer, scheduler, random states and early-stopping counters, for ``--resume``),
 ``metrics.csv`` and ``test_metrics.csv``; with ``--log tensorboard`` a ``tensorboard/``
 folder; a pretrain-then-finetune run also ``pipeline.json`` and the pretraining stage in
-``pretrain-hK/``; a sharded run its ``last-shards-a``/``-b`` folders. Every file is written
-atomically. Checkpoints carry a format tag and version; anything else is refused with a clear
-message, and loading never unpickles arbitrary objects (``weights_only=True``).
+``pretrain-hK/``; a sharded run its ``last-shards-a``/``-b`` folders; and ``.lock``, which the
+process training there holds (:class:`RunLock`), so that a second one is refused. Every file is
+written atomically. Checkpoints carry a format tag and version; anything else is refused with a
+clear message, and loading never unpickles arbitrary objects (``weights_only=True``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: run directories are not locked
+    fcntl = None
 
 from .._version import __version__
 from ..atomic import atomic_path
@@ -73,6 +79,8 @@ class RunDir:
     tensorboard = property(lambda self: self.root / "tensorboard")
     # A pretrain-then-finetune run: the whole pipeline's config, beside the finetuning stage's.
     pipeline = property(lambda self: self.root / "pipeline.json")
+    # Held (flock) by the one process that trains here: see RunLock.
+    lock = property(lambda self: self.root / ".lock")
 
     def pretrain(self, horizon: int) -> "RunDir":
         """The pretraining stage (horizons ``1..horizon``) of a pretrain-then-finetune run."""
@@ -92,7 +100,25 @@ class RunDir:
         return self.pipeline if self.pipeline.exists() else self.config
 
     def holds_run(self) -> bool:
-        return self.config.exists() or self.last.exists() or self.best.exists()
+        return self.config.exists() or self.last.exists() or self.best.exists() or self.pipeline.exists()
+
+    def progress_files(self) -> list[Path]:
+        """What a run writes once it has trained (besides ``last.pt``): with any of these and
+        no ``last.pt``, the run cannot be continued exactly, nor started over without loss."""
+        files = [self.best, self.metrics, self.test_metrics, *(self.root / n for n in self.SHARD_DIRS)]
+        return [f for f in files if f.exists()]
+
+    def check_resumable(self) -> None:
+        """Refuse to resume a run whose ``last.pt`` is gone but which had trained: starting it
+        over would replace its ``best.pt`` and metrics. (Only a run killed before its first
+        checkpoint, with nothing but its config, may start over.)"""
+        if self.last.exists():
+            return
+        found = self.progress_files()
+        if found:
+            raise file_error(self.root, f"holds {', '.join(f.name for f in found)} but no {self.last.name}, "
+                             "so the run cannot be resumed exactly; nothing was changed (train into "
+                             "another --out, or move the directory away to start over)")
 
     def remove_stale_temporaries(self) -> None:
         """Delete half-written files a killed run left behind (the real files are intact)."""
@@ -108,3 +134,73 @@ class RunDir:
             os.unlink(self.root / ".write-test")
         except OSError as exc:
             raise file_error(self.root, f"cannot write the run directory: {exc.strerror or exc}") from None
+
+
+# Run directories this process has locked: real path of the lock file -> [open file, holders].
+_HELD: dict[str, list] = {}
+
+
+class RunLock:
+    """An exclusive lock on a run directory while one process trains into it.
+
+    ``fcntl.flock`` on :attr:`RunDir.lock`: a second process (another ``gwnet-train`` with the
+    same ``--out``) is refused with one line before it changes anything, instead of mixing its
+    files with the first one's. The system drops the lock when its holder exits, killed or not,
+    so the lock file left behind never blocks a later run. Within one process the lock is
+    re-entrant: a pipeline holds its run directory while its finetuning stage takes it again.
+    """
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self._key: str | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._key is not None
+
+    def acquire(self) -> "RunLock":
+        if self._key is not None or fcntl is None:
+            return self
+        try:
+            self.run.root.mkdir(parents=True, exist_ok=True)
+            key = os.path.realpath(self.run.lock)
+            entry = _HELD.get(key)
+            if entry is None:
+                fh = os.fdopen(os.open(key, os.O_RDWR | os.O_CREAT, 0o666), "r+")
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = fh.read().strip()
+                    fh.close()
+                    who = f"another process (pid {holder})" if holder.isdigit() else "another process"
+                    raise file_error(self.run.root, f"is in use: {who} is training into it; wait for it "
+                                     "to finish or choose another --out") from None
+                except BaseException:
+                    fh.close()
+                    raise
+                fh.truncate(0)
+                fh.write(f"{os.getpid()}\n")
+                fh.flush()
+                entry = _HELD[key] = [fh, 0]
+        except OSError as exc:
+            raise file_error(self.run.root, f"cannot write the run directory: {exc.strerror or exc}") from None
+        entry[1] += 1
+        self._key = key
+        return self
+
+    def release(self) -> None:
+        """Give the lock up (again: nothing); the last holder in this process unlocks the file."""
+        key, self._key = self._key, None
+        entry = _HELD.get(key) if key is not None else None
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _HELD[key]
+            entry[0].close()  # closing the file drops the lock
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
 from ..config import Config
 from ..data import TrafficData
-from ..errors import file_error
-from .checkpoint import RunDir, load_checkpoint
+from ..errors import GWNetError, file_error
+from .checkpoint import RunDir, RunLock, load_checkpoint
 from .trainer import RunResult, Trainer
 
 
@@ -30,12 +31,24 @@ def make_trainer(cfg: Config, data: TrafficData | None = None, **kw) -> Trainer:
     return Trainer(cfg, data, **kw)
 
 
-def _is_main_process(cfg: Config) -> bool:
+def _on_main_process(cfg: Config, step: Callable[[], None]) -> None:
+    """``step()`` on the main process only; in a sharded run the other processes stop with its
+    error rather than wait for it in a collective."""
     if not cfg.train.fsdp:
-        return True  # several processes without --fsdp are refused at launch
-    from ..scale.world import is_main_process
+        step()  # several processes without --fsdp are refused at launch
+        return
+    from ..scale.world import current_world
 
-    return is_main_process()
+    def attempt() -> str | None:
+        try:
+            step()
+        except GWNetError as exc:
+            return str(exc)
+        return None
+
+    error = current_world().from_main(attempt)
+    if error is not None:
+        raise GWNetError(error)
 
 
 def run_finished(run_dir: str | Path) -> bool:
@@ -47,13 +60,14 @@ def run_finished(run_dir: str | Path) -> bool:
 
 
 def _run_stage(cfg: Config, data: TrafficData | None, **kw) -> RunResult:
-    """Run, resume or (when complete) reload one stage."""
+    """Run, resume or (when complete) reload one stage: its trainer continues what is there,
+    starts when there is nothing of a run, and refuses a stage that lost its ``last.pt``."""
     rd = RunDir(cfg.out)
     if run_finished(rd.root):
         state = load_checkpoint(rd.last)
         return RunResult(rd.root, state["best_epoch"], state["best_val_mae"],
                          pd.read_csv(rd.test_metrics, index_col=0), pd.DataFrame(state["history"]))
-    return make_trainer(cfg, data, resume=rd.last.exists(), **kw).fit()
+    return make_trainer(cfg, data, resume=True, **kw).fit()
 
 
 def train(cfg: Config, data: TrafficData | None = None, resume: bool = False, **kw) -> RunResult:
@@ -68,24 +82,40 @@ def train(cfg: Config, data: TrafficData | None = None, resume: bool = False, **
         return make_trainer(cfg, data, resume=resume, **kw).fit()
     cfg.validate().resolve()
     run = RunDir(cfg.out)
-    if resume and run_finished(run.root):
-        raise file_error(cfg.out, "run already finished; nothing to resume")
     pre = copy.deepcopy(cfg)
     pre.out = str(run.pretrain(k).root)
     pre.data.horizon = k
     pre.train.pretrain_horizon = None
-    if _is_main_process(cfg):
-        if not resume and run.holds_run():
-            raise file_error(cfg.out, "already holds a run; resume it with --resume or choose another --out")
-        run.check_writable()
-        cfg.save(run.pipeline)
-    _run_stage(pre, None if data is None else _with_horizon(data, k), **kw)
-    fine = copy.deepcopy(cfg)
-    fine.train.init_from = pre.out
-    return _run_stage(fine, data, **kw)
+    # The main process holds the run directory for the whole pipeline (its stages' trainers
+    # take the same lock again), so a second process is refused before it writes anything.
+    lock = RunLock(run)
+
+    def open_pipeline() -> None:
+        lock.acquire()
+        try:
+            if resume and run_finished(run.root):
+                raise file_error(cfg.out, "run already finished; nothing to resume")
+            if not resume and (run.holds_run() or run.pretrain(k).holds_run()):
+                raise file_error(cfg.out, "already holds a run; resume it with --resume or choose another --out")
+            run.check_writable()
+            cfg.save(run.pipeline)
+        except BaseException:
+            lock.release()
+            raise
+
+    _on_main_process(cfg, open_pipeline)
+    try:
+        # Once the finetuning stage has a checkpoint, pretraining is over and no longer needed.
+        if not run.last.exists():
+            _run_stage(pre, None if data is None else _with_horizon(data, k), **kw)
+        fine = copy.deepcopy(cfg)
+        fine.train.init_from = pre.out
+        return _run_stage(fine, data, **kw)
+    finally:
+        lock.release()
 
 
 def _with_horizon(data: TrafficData, horizon: int) -> TrafficData:
     cfg = copy.deepcopy(data.config)
     cfg.horizon = horizon
-    return TrafficData.from_frames(data.speeds, data.graph, cfg, source=data.source)
+    return TrafficData.from_frames(data.speeds, data.graph, cfg, source=data.source, protocol=data.protocol)

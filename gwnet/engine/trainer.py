@@ -14,6 +14,7 @@ single process.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -33,7 +34,7 @@ from ..data import TrafficData, load_data
 from ..errors import GWNetError, file_error
 from ..models import build_model_from_config, model_spec
 from ..nn import load_for_more_horizons
-from .checkpoint import RunDir, load_checkpoint, save_checkpoint
+from .checkpoint import RunDir, RunLock, load_checkpoint, save_checkpoint
 from .device import autocast, resolve_device
 from .inference import split_metrics
 from .listeners import EpochListener, make_listeners
@@ -42,6 +43,19 @@ from .metrics import MetricAccumulator, masked_mae
 LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 # Model options that may differ between a pretrained run and the run initialised from it.
 INIT_FREE_ROLES = ("output", "regularization", "kernel")
+
+
+def stamp_data_options(cfg: Config, data: TrafficData) -> None:
+    """Write what the data and its protocol decided (split, target, unit, step, the protocol's
+    description, the forecast clamp) into ``cfg``, so that ``config.json`` states them."""
+    for f in dataclasses.fields(cfg.data):
+        if getattr(cfg.data, f.name) is None and getattr(data.config, f.name) is not None:
+            setattr(cfg.data, f.name, getattr(data.config, f.name))
+    if cfg.train.clamp_max is None:
+        cfg.train.clamp_max = data.clamp_max
+    cfg.data.protocol = data.protocol.describe(cfg.data.train_ratio, cfg.data.test_ratio, cfg.data.target,
+                                               cfg.data.unit, cfg.data.step_minutes, cfg.train.clamp_max,
+                                               cfg.data.seq_len, cfg.data.horizon)
 
 
 class Interrupted(Exception):
@@ -79,7 +93,12 @@ class _Progress:
 
 
 class Trainer:
-    """Train ``cfg`` into ``cfg.out``; ``resume=True`` continues the run found there."""
+    """Train ``cfg`` into ``cfg.out``; ``resume=True`` continues the run found there (or
+    starts one where there is nothing of a run, and refuses a run that lost its ``last.pt``).
+
+    The main process holds the run directory's lock (:class:`~gwnet.engine.checkpoint.RunLock`)
+    from construction to the end of :meth:`fit` (or :meth:`close`): another process that
+    would train into the same directory is refused before it writes anything."""
 
     # Processes that share each batch; only the first writes files and prints.
     world_size = 1
@@ -96,15 +115,23 @@ class Trainer:
         self.cfg = cfg
         self.data = data if data is not None else load_data(cfg.data)
         cfg.resolve(num_nodes=self.data.num_nodes)
+        stamp_data_options(cfg, self.data)
         self.run = RunDir(cfg.out)
-        if self.is_main:
-            if not resume and self.run.holds_run():
-                raise file_error(self.run.root, "already holds a run; resume it with --resume or choose another --out")
-            self.run.check_writable()
-            self.run.remove_stale_temporaries()
+        # The run directory is this trainer's, from here to the end of fit() (or close()).
+        self._lock: RunLock | None = None
+        self._open_run(resume)
+        try:
+            self._set_up(cfg, model, loss_fn, resume, listeners)
+        except BaseException:
+            self.close()
+            raise
+
+    def _set_up(self, cfg: Config, model: torch.nn.Module | None, loss_fn: LossFn, resume: bool,
+                listeners: Sequence[EpochListener]) -> None:
         self.device = resolve_device(cfg.train.device)
         model = (model if model is not None else build_model(cfg, self.data)).to(self.device)
-        # A run killed before its first checkpoint has nothing to restore: it starts over.
+        # A run killed before its first checkpoint has nothing to restore: it starts over
+        # (_open_run refused one that had trained and lost its last.pt).
         resume = resume and self.run.last.exists()
         if cfg.train.init_from and not resume:
             init_from_run(model, cfg, self.data, cfg.train.init_from)
@@ -122,6 +149,31 @@ class Trainer:
         # Only the main process reports; its listeners are built last, so that a logger that
         # cannot start (a missing package) fails before any training.
         self.listeners: list[EpochListener] = [*make_listeners(self), *listeners] if self.is_main else []
+
+    def _open_run(self, resume: bool) -> None:
+        """On the main process: lock the run directory (a second process training into it is
+        refused), and check that this run may write there, before anything is written."""
+        if not self.is_main:
+            return
+        lock = RunLock(self.run).acquire()
+        try:
+            if not resume and self.run.holds_run():
+                raise file_error(self.run.root, "already holds a run; resume it with --resume or choose another --out")
+            if resume:
+                self.run.check_resumable()
+            self.run.check_writable()
+            self.run.remove_stale_temporaries()
+        except BaseException:
+            lock.release()
+            raise
+        self._lock = lock
+
+    def close(self) -> None:
+        """Unlock the run directory (fit() does when it ends; a trainer that is not fitted
+        holds it until this, or until the process exits)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # --- hooks: one process here, several in gwnet.scale.trainer.ShardedTrainer -------------
     def _prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -183,11 +235,19 @@ class Trainer:
         state = load_checkpoint(self.run.last, map_location="cpu")
         if state["sensor_ids"] != self.data.sensor_ids:
             raise file_error(self.run.last, "was trained on other sensors than the data given")
-        if state.get("finished") and self.run.test_metrics.exists():
+        finished = bool(state.get("finished"))
+        if finished and self.run.test_metrics.exists():
             raise file_error(self.run.root, "run already finished; nothing to resume")
-        self._load_training_state(state)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["shuffle_rng"])
+        if state["best_epoch"] and not self.run.best.exists():
+            what = "its test metrics cannot be recomputed" if finished else "it cannot be resumed exactly"
+            raise file_error(self.run.best, f"is missing (epoch {state['best_epoch']} was the best), so {what}; "
+                             "nothing was changed")
+        # A finished run only computes its test metrics again, from best.pt: it trains no more,
+        # so nothing else of last.pt is needed (a sharded run's shards may be gone).
+        if not finished:
+            self._load_training_state(state)
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.generator.set_state(state["shuffle_rng"])
         self.progress = _Progress(epoch=state["epoch"], best_val_mae=state["best_val_mae"],
                                   best_epoch=state["best_epoch"], bad_epochs=state["bad_epochs"],
                                   history=list(state["history"]), partial=state["partial"],
@@ -285,8 +345,11 @@ class Trainer:
                 listener.on_fit_start(self)
             return self._fit()
         finally:
-            for listener in self.listeners:
-                listener.close()
+            try:
+                for listener in self.listeners:
+                    listener.close()
+            finally:
+                self.close()
 
     def _fit(self) -> RunResult:
         t, p = self.cfg.train, self.progress

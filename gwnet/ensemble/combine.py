@@ -1,6 +1,7 @@
 """The ensemble: members' forecasts combined per horizon with weights a strategy sets."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -9,7 +10,6 @@ import pandas as pd
 import torch
 
 from ..data import TrafficData, Windows
-from ..data.readers import STEP
 from ..engine.metrics import MetricAccumulator, valid_mask
 from ..errors import GWNetError
 from ..registry import STRATEGIES
@@ -49,9 +49,12 @@ class Ensemble:
         self.null_value = cfg.train.null_value
         # Every member's predictions lie in its own clamp range; the union keeps all of them.
         self.clamp = (min(m.config.train.clamp_min for m in members),
-                      max(m.config.train.clamp_max for m in members))
+                      max(math.inf if m.config.train.clamp_max is None else m.config.train.clamp_max
+                          for m in members))
         self.lead = cfg.data.first_offset + np.arange(self.horizon)  # steps after the origin
-        self.lead_minutes = self.lead * (STEP // pd.Timedelta(minutes=1))
+        # Minutes between readings: the runs record it (gwnet 0.1 runs were all 5-minute).
+        self.step = pd.Timedelta(minutes=cfg.data.step_minutes or 5)
+        self.lead_minutes = self.lead * (self.step // pd.Timedelta(minutes=1))
         self.available = np.array([[h < m.horizon for m in members] for h in range(self.horizon)])
         self.weights = STRATEGIES["mean"].weights(None, self.available)
         if not self.spec.needs_validation:
@@ -132,7 +135,7 @@ class Ensemble:
         return preds, y[:, :self.horizon]
 
     def _target_times(self, origins: pd.DatetimeIndex) -> np.ndarray:
-        return origins.to_numpy()[:, None] + self.lead[None, :] * STEP.to_timedelta64()
+        return origins.to_numpy()[:, None] + self.lead[None, :] * self.step.to_timedelta64()
 
     def _check_windows(self, windows: Windows) -> None:
         seq_len = self.members[0].config.data.seq_len

@@ -73,7 +73,7 @@ def load_reference_member(path: str | Path, data: TrafficData, device: str | tor
     if model.config.in_dim != data.config.in_dim:
         raise file_error(path, f"takes {model.config.in_dim} input features, the data gives "
                          f"{data.config.in_dim} (time_of_day, day_of_week)")
-    cfg = Config(data=copy.deepcopy(data.config), model=model.config, train=TrainConfig())
+    cfg = Config(data=copy.deepcopy(data.config), model=model.config, train=TrainConfig(clamp_max=data.clamp_max))
     cfg.data.horizon = model.config.out_dim
     return Member(name or Path(path).name, model.to(device), cfg, data.scaler, Path(path))
 
@@ -100,7 +100,7 @@ def load_members(paths: Sequence[str | Path], device: str | torch.device = "cpu"
         # A reference forecasts further than the runs: window again, so every member sees the
         # same windows; references take the scaler fitted on the new windows.
         cfg.horizon = horizon
-        data = TrafficData.from_frames(data.speeds, data.graph, cfg, source=data.source)
+        data = TrafficData.from_frames(data.speeds, data.graph, cfg, source=data.source, protocol=data.protocol)
         for path in references:
             members[str(path)].scaler = data.scaler
     return [members[str(p)] for p in paths], data
@@ -166,5 +166,6 @@ def load_ensemble_data(members: Sequence[Member], cfg: DataConfig) -> TrafficDat
                          f"({_describe_difference(expected, data.sensor_ids)}); predict on readings "
                          f"of the sensors the models were trained on")
     # Same sensors in another column order: reorder the readings, the models index by position.
-    return TrafficData.from_frames(data.speeds[expected], data.graph, cfg, source=data.source)
+    return TrafficData.from_frames(data.speeds[expected], data.graph, cfg, source=data.source,
+                                  protocol=data.protocol)
 

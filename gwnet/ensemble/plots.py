@@ -13,19 +13,19 @@ import torch
 from matplotlib.figure import Figure
 
 from ..atomic import atomic_path
-from ..data.readers import STEP
 from ..engine.metrics import valid_mask
 from .combine import Forecast
 from .members import ENSEMBLE, Member
 
-STEPS_PER_DAY = pd.Timedelta(days=1) // STEP
+DAY = pd.Timedelta(days=1)
 
 
 class SensorTrace:
     """The first day of forecasts at a few sensors (horizon 1 and the last), for the plot;
     it stops keeping anything after a day, so memory stays flat."""
 
-    def __init__(self, sensor_index: Sequence[int], horizon: int):
+    def __init__(self, sensor_index: Sequence[int], horizon: int, steps_per_day: int = 288):
+        self.steps_per_day = steps_per_day
         self.index = list(sensor_index)
         self.horizons = sorted({1, horizon})
         self.times: list[np.ndarray] = []  # (b, H) target times
@@ -34,7 +34,7 @@ class SensorTrace:
         self.kept = 0
 
     def update(self, forecast: Forecast) -> None:
-        take = min(STEPS_PER_DAY - self.kept, len(forecast.origins))
+        take = min(self.steps_per_day - self.kept, len(forecast.origins))
         if take <= 0:
             return
         self.times.append(forecast.target_times[:take])
@@ -77,7 +77,8 @@ def plot_mae_by_horizon(metrics: pd.DataFrame, path: str | Path, lead_minutes: n
     return _save(fig, Path(path))
 
 
-def plot_sensors(readings: pd.DataFrame, forecasts: dict[str, pd.DataFrame], path: str | Path) -> Path:
+def plot_sensors(readings: pd.DataFrame, forecasts: dict[str, pd.DataFrame], path: str | Path,
+                 ylabel: str = "speed") -> Path:
     """One panel per sensor: the readings and each forecast series over time."""
     sensors = list(readings.columns)
     fig = Figure(figsize=(9, 1.2 + 2.4 * len(sensors)), layout="constrained")
@@ -86,7 +87,7 @@ def plot_sensors(readings: pd.DataFrame, forecasts: dict[str, pd.DataFrame], pat
         ax.plot(readings.index, readings[sensor], color="black", lw=1.2, label="actual")
         for label, frame in forecasts.items():
             ax.plot(frame.index, frame[sensor], lw=1.0, label=label)
-        ax.set(ylabel="speed", title=f"sensor {sensor}")
+        ax.set(ylabel=ylabel, title=f"sensor {sensor}")
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower left", fontsize=8)
     for label in axes[-1].get_xticklabels():

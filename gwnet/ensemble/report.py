@@ -9,16 +9,19 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..atomic import atomic_path, atomic_write_text
+from ..atomic import atomic_directory, atomic_path, atomic_write_text
 from ..data import TrafficData, Windows
 from ..engine.metrics import MetricAccumulator
 from ..errors import GWNetError, file_error
 from .combine import Ensemble
 from .members import ENSEMBLE
-from .plots import STEPS_PER_DAY, SensorTrace, plot_adaptive_adjacency, plot_mae_by_horizon, plot_sensors
+from .plots import DAY, SensorTrace, plot_adaptive_adjacency, plot_mae_by_horizon, plot_sensors
 from .tables import FORMATS, PredictionWriter, _pyarrow, metrics_frame, write_predictions
 
 SPLITS = ("test", "val", "all", "latest")
+# Every file run() may write: an output directory holding anything else is never replaced.
+OUTPUT_FILES = (*(f"predictions.{fmt}" for fmt in FORMATS), "metrics.csv", "ensemble.csv", "ensemble.json",
+                "mae_by_horizon.png", "sensors.png", "adaptive_adjacency.png")
 
 
 @dataclass
@@ -30,6 +33,12 @@ class Report:
     rows: int
     metrics: pd.DataFrame | None  # None for the latest window (no actuals)
     files: list[Path]
+
+
+def quantity_label(data: TrafficData) -> str:
+    """``flow (vehicles/5 min)``: the target and its unit, for axes and tables."""
+    c = data.config
+    return f"{c.target or 'speed'}" + (f" ({c.unit})" if c.unit else "")
 
 
 def split_windows(data: TrafficData, split: str) -> Windows:
@@ -59,9 +68,28 @@ def sensor_positions(data: TrafficData, sensors: Sequence[str] | None) -> list[i
 
 
 def run(ensemble: Ensemble, data: TrafficData, out: str | Path, split: str = "test", fmt: str = "csv",
-        sensors: Sequence[str] | None = None, batch_size: int = 64, plots: bool = True) -> Report:
+        sensors: Sequence[str] | None = None, batch_size: int = 64, plots: bool = True,
+        overwrite: bool = False) -> Report:
     """Fit ``ensemble`` on ``data``'s validation split if its strategy needs it, forecast
-    ``split`` (or the ``latest`` window) and write the output directory described above."""
+    ``split`` (or the ``latest`` window) and write the output directory described above.
+
+    ``out`` must be new or empty, or hold an earlier result and ``overwrite`` be given (a
+    directory with other files is never replaced). The whole result is written beside it and
+    then takes its place (:func:`gwnet.atomic.atomic_directory`): a failure or a kill leaves
+    the earlier result whole, never a mix of two."""
+    out = Path(out)
+    with atomic_directory(out, overwrite, OUTPUT_FILES, "gwnet-predict") as stage:
+        report = _write(ensemble, data, stage, split, fmt, sensors, batch_size, plots)
+
+    def moved(path: Path) -> Path:
+        return out / path.relative_to(stage)
+
+    return Report(out, moved(report.predictions), report.rows, report.metrics, [moved(p) for p in report.files])
+
+
+def _write(ensemble: Ensemble, data: TrafficData, out: Path, split: str, fmt: str,
+           sensors: Sequence[str] | None, batch_size: int, plots: bool) -> Report:
+    """What :func:`run` does, into the fresh directory ``out``."""
     if split not in SPLITS:
         raise GWNetError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if fmt not in FORMATS:
@@ -89,7 +117,7 @@ def run(ensemble: Ensemble, data: TrafficData, out: str | Path, split: str = "te
     if plots:
         if metrics is not None:
             files.append(plot_mae_by_horizon(metrics, out / "mae_by_horizon.png", ensemble.lead_minutes))
-        files.append(plot_sensors(history, traces, out / "sensors.png"))
+        files.append(plot_sensors(history, traces, out / "sensors.png", quantity_label(data)))
         adjacency = plot_adaptive_adjacency(ensemble.members, data.sensor_ids, out / "adaptive_adjacency.png")
         if adjacency is not None:
             files.append(adjacency)
@@ -104,7 +132,7 @@ def _forecast_windows(ensemble: Ensemble, data: TrafficData, windows: Windows, p
     """One streaming pass: write the table, score members and ensemble, keep the plotted day."""
     scores = {m.name: MetricAccumulator(m.horizon, ensemble.null_value) for m in ensemble.members}
     scores[ENSEMBLE] = MetricAccumulator(ensemble.horizon, ensemble.null_value)
-    trace = SensorTrace(index, ensemble.horizon)
+    trace = SensorTrace(index, ensemble.horizon, DAY // ensemble.step)
     with PredictionWriter(path, data.sensor_ids, ensemble.null_value) as writer:
         for batch in ensemble.predict(windows, batch_size):
             writer.write(batch)
@@ -120,7 +148,7 @@ def _forecast_latest(ensemble: Ensemble, data: TrafficData, path: Path,
     """The forecast after the last readings; the plot shows the day of readings before it."""
     forecast = ensemble.predict_latest(data)
     rows = write_predictions(iter([forecast]), path, data.sensor_ids, ensemble.null_value)
-    history = data.speeds.iloc[-STEPS_PER_DAY:, index].replace(ensemble.null_value, np.nan)
+    history = data.speeds.iloc[-(DAY // ensemble.step):, index].replace(ensemble.null_value, np.nan)
     future = pd.DataFrame(forecast.prediction[0][:, index].numpy(), index=forecast.target_times[0],
                           columns=history.columns)
     return rows, None, (history, {"forecast": future})

@@ -13,9 +13,20 @@ write and read model and optimizer with ``torch.distributed.checkpoint`` (every 
 own shard, any number of processes on load), and :func:`full_model_state` /
 :func:`load_full_model_state` consolidate to and from an ordinary state dict, the one that
 ``best.pt`` holds for single-process code.
+
+A sharded checkpoint is untrusted input like any file: torch.distributed.checkpoint reads its
+``.metadata`` with a plain unpickler and its non-tensor values with
+``torch.load(weights_only=False)``, either of which runs whatever code a crafted file names.
+:func:`load_sharded` first checks the whole folder (:func:`check_sharded_checkpoint`: the
+metadata through an unpickler that builds only the checkpoint's own metadata classes, and
+every item with ``weights_only=True``), then loads through a reader and a planner that never
+unpickle anything else either; a file refused is one line naming it.
 """
 from __future__ import annotations
 
+import io
+import os
+import pickle
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -25,11 +36,17 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                   MetadataIndex, StorageMeta, TensorProperties,
+                                                   TensorStorageMetadata, _MEM_FORMAT_ENCODING)
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import GWNetError, file_error
 from .world import World
 
 # GWNet's blocks and root return views (``view_as``, ``permute``) that nothing modifies in
@@ -184,8 +201,154 @@ def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
 
 
 def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Read what :func:`save_sharded` wrote, resharded to this world if its size differs."""
+    """Read what :func:`save_sharded` wrote, resharded to this world if its size differs;
+    a folder that is not such a checkpoint, or that holds anything but its metadata and
+    tensors, is refused before anything is unpickled (see the module's docstring)."""
+    path = Path(path)
+    check_sharded_checkpoint(path)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=Path(path))
+    try:
+        dcp.load(state, storage_reader=_SafeReader(path), planner=_SafeLoadPlanner(path))
+    except (Exception, CheckpointException) as exc:  # every process fails: dcp gathers the failures
+        if isinstance(exc, CheckpointException) and exc.failures:
+            exc = next(iter(exc.failures.values()))[0]
+        if isinstance(exc, GWNetError):
+            raise GWNetError(str(exc)) from None
+        raise file_error(path, f"cannot be loaded: {_one_line(exc)}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+# --- reading sharded checkpoints safely -------------------------------------------------
+METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's name for it
+
+# What the .metadata of a checkpoint save_sharded wrote references (found by listing the
+# globals of real ones): the metadata dataclasses, torch.Size, dtypes (any torch.<dtype>),
+# the layout and memory-format encodings, and the folder's path (StorageMeta.checkpoint_id).
+_METADATA_CLASSES = (Metadata, MetadataIndex, StorageMeta, TensorProperties, TensorStorageMetadata,
+                     BytesStorageMetadata, ChunkStorageMetadata, _MEM_FORMAT_ENCODING, _StorageInfo)
+_METADATA_GLOBALS = frozenset(
+    {(c.__module__, c.__qualname__) for c in _METADATA_CLASSES}
+    | {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+       ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), (Path.__module__, type(Path()).__name__)})
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds the metadata of a sharded checkpoint and nothing else: any other global (a
+    function to call, a class from elsewhere) is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str):
+        allowed = (module, name) in _METADATA_GLOBALS or (
+            module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype))
+        if not allowed:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc)
+    at = text.find("WeightsUnpickler error:")  # torch's weights_only refusal: keep its reason
+    if at >= 0:
+        text = text[at + len("WeightsUnpickler error:"):].split(" was not an allowed global")[0]
+    return " ".join(text.split())[:limit] or type(exc).__name__
+
+
+def read_shard_metadata(folder: str | Path) -> Metadata:
+    """The ``.metadata`` of a sharded checkpoint folder, unpickled with
+    :class:`_MetadataUnpickler` and checked: every item lies in a file of the folder itself."""
+    folder = Path(folder)
+    meta = folder / METADATA_FILE
+    if not folder.is_dir():
+        raise file_error(folder, "no such sharded checkpoint folder")
+    try:
+        with open(meta, "rb") as fh:
+            md = _MetadataUnpickler(fh).load()
+    except FileNotFoundError:
+        raise file_error(meta, "is missing: the sharded checkpoint is incomplete") from None
+    except Exception as exc:
+        raise file_error(meta, f"refused: not the metadata of a sharded checkpoint ({_one_line(exc)})") from None
+    if not (isinstance(md, Metadata) and isinstance(md.state_dict_metadata, dict)
+            and isinstance(md.storage_data, dict) and isinstance(md.storage_meta, (StorageMeta, type(None)))):
+        raise file_error(meta, "refused: not the metadata of a sharded checkpoint")
+    for key, item in md.state_dict_metadata.items():
+        if not isinstance(key, str) or not isinstance(item, (TensorStorageMetadata, BytesStorageMetadata)):
+            raise file_error(meta, f"refused: unexpected entry {key!r}")
+    sizes: dict[str, int] = {}
+    for index, info in md.storage_data.items():
+        if not (isinstance(index, MetadataIndex) and isinstance(info, _StorageInfo)
+                and index.fqn in md.state_dict_metadata):
+            raise file_error(meta, "refused: unexpected storage entry")
+        name = info.relative_path
+        if not isinstance(name, str) or name != Path(name).name or name.startswith("."):
+            raise file_error(meta, f"refused: names {name!r}, not a file of the checkpoint folder")
+        if info.transform_descriptors:
+            raise file_error(meta, f"refused: {index.fqn!r} is stored with transforms gwnet does not write")
+        if not all(type(v) is int and v >= 0 for v in (info.offset, info.length)):
+            raise file_error(meta, f"refused: bad position of {index.fqn!r}")
+        if name not in sizes:
+            path = folder / name
+            if path.is_symlink() or not path.is_file():
+                raise file_error(path, "is missing: the sharded checkpoint is incomplete")
+            sizes[name] = path.stat().st_size
+        if info.offset + info.length > sizes[name]:
+            raise file_error(folder / name, f"is truncated (it ends before {index.fqn!r})")
+    return md
+
+
+def check_sharded_checkpoint(folder: str | Path) -> Metadata:
+    """Refuse, with one line naming the file, a sharded checkpoint whose metadata or items
+    would unpickle anything but metadata and tensors (each item read with
+    ``weights_only=True``); returns the metadata."""
+    folder = Path(folder)
+    md = read_shard_metadata(folder)
+    by_file: dict[str, list[tuple[MetadataIndex, _StorageInfo]]] = {}
+    for index, info in md.storage_data.items():
+        by_file.setdefault(info.relative_path, []).append((index, info))
+    for name, items in sorted(by_file.items()):
+        path = folder / name
+        with open(path, "rb") as fh:
+            for index, info in items:
+                fh.seek(info.offset)
+                try:
+                    torch.load(io.BytesIO(fh.read(info.length)), map_location="cpu", weights_only=True)
+                except Exception as exc:
+                    raise file_error(path, f"refused: {index.fqn!r} is not plain tensor data "
+                                     f"({_one_line(exc)})") from None
+    return md
+
+
+class _SafeReader(FileSystemReader):
+    """torch's file reader, with the metadata read by :func:`read_shard_metadata` (tensors
+    it already reads with ``weights_only=True``)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        if kwargs.get("rank") is not None:  # save_sharded writes one global .metadata
+            raise file_error(Path(self.path) / METADATA_FILE, "is missing: the sharded checkpoint is incomplete")
+        md = read_shard_metadata(Path(self.path))
+        if md.storage_meta is None:
+            md.storage_meta = StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """The default planner, but non-tensor values (the optimizer's hyperparameters) are
+    unpickled with ``weights_only=True``: the default planner uses ``weights_only=False``."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = folder
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            info = getattr(self, "metadata", None) and self.metadata.storage_data.get(read_item.storage_index)
+            where = self.folder / info.relative_path if info else self.folder
+            raise file_error(where, f"refused: {read_item.dest_index.fqn!r} is not plain data "
+                             f"({_one_line(exc)})") from None
+        # What the default planner unpickles is then only what the safe load built.
+        clean = io.BytesIO()
+        torch.save(obj, clean)
+        clean.seek(0)
+        super().load_bytes(read_item, clean)

@@ -62,6 +62,20 @@ class ShardedTrainer(Trainer):
                 data = load_data(cfg.data)
         super().__init__(cfg, data, model, loss_fn, resume, listeners)
 
+    def _open_run(self, resume: bool) -> None:
+        # Rank 0 alone locks and checks the run directory; the others stop with its error
+        # rather than wait for it in a collective.
+        def attempt() -> str | None:
+            try:
+                super(ShardedTrainer, self)._open_run(resume)
+            except GWNetError as exc:
+                return str(exc)
+            return None
+
+        error = self.world.from_main(attempt)
+        if error is not None:
+            raise GWNetError(error)
+
     def _prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         t = self.cfg.train
         model = shard_model(model, self.world, t.precision, t.activation_checkpointing)
