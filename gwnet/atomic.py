@@ -95,7 +95,8 @@ def check_output_directory(path: str | os.PathLike, overwrite: bool = False, our
         if real.exists() and not real.is_dir():
             raise file_error(shown, "exists and is not a directory")
         if real.is_dir():
-            held = sorted(e.name for e in real.iterdir() if not (e.name.startswith(".") and e.name.endswith(".tmp")))
+            held = sorted(e.name for e in real.iterdir()
+                          if not (e.name.startswith(".") and e.name.endswith(".tmp")))  # half-written files
             foreign = [name for name in held if name not in ours]
             if foreign:
                 raise file_error(shown, f"holds {foreign[0]!r}, which {what} did not write; choose another "

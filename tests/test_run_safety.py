@@ -279,7 +279,8 @@ def test_a_replacement_killed_between_its_renames_is_put_right_by_the_next(tmp_p
     with pytest.raises(RuntimeError), atomic_directory(out, overwrite=True, ours=("a", "b")) as stage:
         (stage / "a").write_text("new a")
         raise RuntimeError
-    assert snapshot(out) == {"a": b"old a", "b": b"old b"} and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert snapshot(out) == {"a": b"old a", "b": b"old b"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     with atomic_directory(out, overwrite=True, ours=("a", "b")) as stage:
         (stage / "a").write_text("new a")
     assert snapshot(out) == {"a": b"new a"}  # replaced whole: no old b beside the new a

@@ -70,8 +70,9 @@ def test_crafted_metadata_is_refused_before_it_runs(tmp_path, payload):
     genuine_checkpoint(folder)
     marker = tmp_path / "marker"
     (folder / ".metadata").write_bytes(pickle.dumps(payload(marker)))
+    model = torch.nn.Linear(2, 2)
     for load in (check_sharded_checkpoint, lambda f: _SafeReader(f).read_metadata(),
-                 lambda f: load_sharded(f, torch.nn.Linear(2, 2), torch.optim.Adam(torch.nn.Linear(2, 2).parameters()))):
+                 lambda f: load_sharded(f, model, torch.optim.Adam(model.parameters()))):
         with pytest.raises(GWNetError, match="refused") as exc:
             load(folder)
         assert_one_line(exc, folder / ".metadata")

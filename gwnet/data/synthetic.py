@@ -108,17 +108,22 @@ class SyntheticTraffic:
         steps = len(self.speeds) // k * k
 
         def pool(frame: pd.DataFrame, how: str) -> pd.DataFrame:
-            values = frame.to_numpy()[:steps].reshape(steps // k, k, -1)
-            present = values > 0
-            count = present.sum(axis=1)
-            total = values.sum(axis=1)
-            out = total if how == "sum" else total / np.maximum(count, 1)
-            out = np.where(count > 0, out, 0.0).astype(np.float32)
-            return pd.DataFrame(out, index=frame.index[:steps:k], columns=frame.columns)
+            return pd.DataFrame(_pool(frame.to_numpy()[:steps], k, how), index=frame.index[:steps:k],
+                                columns=frame.columns)
 
         return SyntheticTraffic(pool(self.speeds, "mean"), self.graph, self.distances, self.locations,
                                 pool(self.flow, "sum"), pool(self.occupancy, "mean"), self.links, self.link_m,
                                 self.lanes)
+
+
+def _pool(values: np.ndarray, k: int, how: str) -> np.ndarray:
+    """Every ``k`` rows into one: the sum (counts) or the mean of the readings present (0 where
+    none is)."""
+    values = values.reshape(len(values) // k, k, -1)
+    count = (values > 0).sum(axis=1)
+    total = values.sum(axis=1)
+    out = total if how == "sum" else total / np.maximum(count, 1)
+    return np.where(count > 0, out, 0.0).astype(np.float32)
 
 
 @dataclass
@@ -190,7 +195,10 @@ def write(out_dir: str | os.PathLike, nodes: int = 40, days: int = 14, seed: int
     for every road link, sensors numbered 0..N-1 (default NAME: synthetic).
     ``largest`` (LargeST, 15 minutes, flow): ``NAME_his_2019.h5`` (pandas frame, key ``t``),
     ``NAME_rn_adj.npy`` (the dense adjacency in the frame's column order) and ``NAME_meta.csv``
-    (ID, Lat, Lng, District, County, Fwy, Lane, Type, Direction).
+    (ID, Lat, Lng, District, County, Fwy, Lane, Type, Direction). It is simulated a week at a
+    time and streamed into the file, so a year of 8,600 sensors needs memory of the order of
+    the file, not of the whole simulation (the weeks share the network and the sensors; each
+    week draws its own days, noise, incidents and outages).
 
     Returns the written paths by role (``speeds`` is the readings file, ``adj`` the graph).
     Each file appears complete or not at all, and the readings file is written last.
@@ -201,15 +209,18 @@ def write(out_dir: str | os.PathLike, nodes: int = 40, days: int = 14, seed: int
     if target not in TARGETS:
         raise GWNetError(f"synthetic data: unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     step = step or (15 if layout == "largest" else 5)
-    data = generate(nodes, days, seed).resampled(step)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GWNetError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
+    name = name or "synthetic"
+    if layout == "largest":
+        nodes, days, seed = _check_arguments(nodes, days, seed)
+        return _write_largest(out, nodes, days, seed, step, target, name)
+    data = generate(nodes, days, seed).resampled(step)
     ids = data.graph.sensor_ids
     readings = {"speed": data.speeds, "flow": data.flow, "occupancy": data.occupancy}[target]
-    name = name or "synthetic"
     writers: dict[str, tuple[str, Callable[[Path], None]]]
     if layout == "metr-la":
         triple = [list(ids), {s: i for i, s in enumerate(ids)}, data.graph.adj]
@@ -237,24 +248,141 @@ def write(out_dir: str | os.PathLike, nodes: int = 40, days: int = 14, seed: int
         writers = {"adj": (f"{name}.csv", lambda p: edges.to_csv(p, index=False)),
                    "speeds": (f"{name}.npz", dump_npz)}
     else:
-        loc = data.locations
-        meta = pd.DataFrame({"ID": [int(i) for i in ids], "Lat": loc["latitude"], "Lng": loc["longitude"],
-                             "District": 7, "County": "Los Angeles", "Fwy": "I-5", "Lane": data.lanes,
-                             "Type": "Mainline", "Direction": "N"})
-        frame = readings.copy()
-        frame.columns = [int(i) for i in ids]  # LargeST's columns are integer sensor ids
-
-        def dump_npy(path: Path) -> None:
-            with open(path, "wb") as fh:
-                np.save(fh, data.graph.adj.astype(np.float32))
-
-        writers = {"meta": (f"{name}_meta.csv", lambda p: meta.to_csv(p, index=False)),
-                   "adj": (f"{name}_rn_adj.npy", dump_npy),
-                   "speeds": (f"{name}_his_2019.h5", lambda p: frame.to_hdf(p, key="t", mode="w", format="fixed"))}
+        return _write_largest(out, nodes, days, seed, step, target, name)
     paths = {}
     for key, (filename, write_to) in writers.items():
         paths[key] = _atomic_write(out / filename, write_to)
     return paths
+
+
+CHUNK_DAYS = 7
+
+
+def _write_largest(out: Path, nodes: int, days: int, seed: int, step: int, target: str,
+                   name: str) -> dict[str, Path]:
+    """The LargeST layout, simulated a week at a time and streamed into the frame."""
+    if step % 5 or 1440 % step:
+        raise GWNetError(f"synthetic data: step must be a multiple of 5 minutes dividing a day, got {step}")
+    rng = np.random.default_rng(seed)
+    net = _road_network(nodes, rng)
+    order = rng.permutation(nodes)  # published in a random order with random ids, as in generate()
+    ids = [int(i) for i in 400_000 + rng.choice(600_000, size=nodes, replace=False)]
+    constants = _sensor_constants(net, np.random.default_rng([seed, 2]))
+    count_rng = np.random.default_rng([seed, 1])
+    lanes = count_rng.integers(2, 7, nodes)
+    adjacency = gaussian_kernel_adjacency(np.round(net.distances[np.ix_(order, order)], 1), KERNEL_K)
+    del net.distances  # the largest array; the simulation needs only the links
+    lat = CENTER_LAT + net.xy[order, 1] / M_PER_DEG_LAT
+    lon = CENTER_LON + net.xy[order, 0] / M_PER_DEG_LON
+    meta = pd.DataFrame({"ID": ids, "Lat": np.round(lat, 6), "Lng": np.round(lon, 6), "District": 7,
+                         "County": "Los Angeles", "Fwy": "I-5", "Lane": lanes[order], "Type": "Mainline",
+                         "Direction": "N"})
+    paths = {"meta": _atomic_write(out / f"{name}_meta.csv", lambda p: meta.to_csv(p, index=False))}
+
+    def dump_npy(path: Path) -> None:
+        with open(path, "wb") as fh:
+            np.save(fh, adjacency)
+
+    paths["adj"] = _atomic_write(out / f"{name}_rn_adj.npy", dump_npy)
+    del adjacency
+    k = step // 5
+    start = pd.Timestamp("2019-01-01")
+    index = pd.date_range(start, periods=days * STEPS_PER_DAY // k, freq=f"{step}min", unit="ns")
+    how = "sum" if target == "flow" else "mean"
+
+    def stream(path: Path) -> None:
+        with FixedFrameWriter(path, "t", ids, index) as frame:
+            for chunk, day in enumerate(range(0, days, CHUNK_DAYS)):
+                span = pd.date_range(start + pd.Timedelta(days=day), freq="5min", unit="ns",
+                                     periods=min(CHUNK_DAYS, days - day) * STEPS_PER_DAY)
+                crng = np.random.default_rng([seed, 3, chunk])
+                speed, demand, capacity, congestion = _simulate_traffic(net, span, crng, constants)
+                if target == "speed":
+                    values = speed
+                else:
+                    flow, occupancy = _counts(speed, demand, capacity, congestion, lanes, crng)
+                    values = flow if target == "flow" else occupancy
+                frame.write(_pool(values[:, order], k, how))
+
+    paths["speeds"] = _atomic_write(out / f"{name}_his_2019.h5", stream)
+    return paths
+
+
+class FixedFrameWriter:
+    """Writes a float32 frame in pandas' fixed HDF5 format row block by row block, so a frame
+    larger than memory can be written: ``pandas.read_hdf`` and gwnet's reader both read it.
+
+    The layout is what ``DataFrame.to_hdf(format="fixed")`` writes for one float block: a group
+    with ``pandas_type=frame``, ``axis0`` (column labels), ``axis1`` (timestamps as int64 ns),
+    ``block0_items`` and ``block0_values`` (rows x columns), with PyTables' node attributes.
+    """
+
+    def __init__(self, path: Path, key: str, columns: list, index: pd.DatetimeIndex):
+        self.path, self.key, self.columns, self.index = path, key, columns, index
+        self.row = 0
+
+    def __enter__(self) -> "FixedFrameWriter":
+        import h5py
+
+        self.file = h5py.File(self.path, "w")
+        for name, value in (("CLASS", b"GROUP"), ("PYTABLES_FORMAT_VERSION", b"2.1"), ("TITLE", b""),
+                            ("VERSION", b"1.0")):
+            _text_attr(self.file, name, value)
+        group = self.file.create_group(self.key)
+        for name, value in (("CLASS", b"GROUP"), ("TITLE", b""), ("VERSION", b"1.0"),
+                            ("axis0_variety", b"regular"), ("axis1_variety", b"regular"),
+                            ("block0_items_variety", b"regular"), ("encoding", b"UTF-8"),
+                            ("errors", b"strict"), ("pandas_type", b"frame")):
+            _text_attr(group, name, value)
+        group.attrs["nblocks"], group.attrs["ndim"] = np.int64(1), np.int64(2)
+        integer = all(isinstance(c, (int, np.integer)) for c in self.columns)
+        labels = np.array(self.columns, dtype=np.int64 if integer else "S")
+        self._array(group, "axis0", labels, kind=b"integer" if integer else b"string")
+        self._array(group, "block0_items", labels, kind=b"integer" if integer else b"string")
+        stamps = self._array(group, "axis1", self.index.as_unit("ns").asi8, kind=b"datetime64[ns]")
+        _text_attr(stamps, "index_class", b"datetime")
+        rows, cols = len(self.index), len(self.columns)
+        self.values = group.create_dataset("block0_values", shape=(rows, cols), dtype=np.float32,
+                                           chunks=(max(1, min(rows, 1 << 20 // max(cols, 1))), cols))
+        self._attrs(self.values)
+        return self
+
+    @staticmethod
+    def _attrs(dataset, kind: bytes | None = None) -> None:
+        for name, value in (("CLASS", b"ARRAY"), ("FLAVOR", b"numpy"), ("TITLE", b""), ("VERSION", b"2.4")):
+            _text_attr(dataset, name, value)
+        dataset.attrs["transposed"] = np.uint8(1)
+        if kind is not None:
+            _text_attr(dataset, "kind", kind)
+            _text_attr(dataset, "name", b"N.")
+
+    def _array(self, group, name: str, values: np.ndarray, kind: bytes):
+        dataset = group.create_dataset(name, data=values)
+        self._attrs(dataset, kind)
+        return dataset
+
+    def write(self, rows: np.ndarray) -> None:
+        end = self.row + len(rows)
+        if end > len(self.index) or rows.shape[1:] != (len(self.columns),):
+            raise ValueError(f"rows {self.row}..{end} of shape {rows.shape} do not fit the frame")
+        self.values[self.row:end] = rows
+        self.row = end
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+        if exc[0] is None and self.row != len(self.index):
+            raise ValueError(f"wrote {self.row} of {len(self.index)} rows")
+
+
+def _text_attr(node, name: str, value: bytes) -> None:
+    """A string attribute as PyTables writes one (UTF-8, fixed length; empty ones null), so
+    that PyTables, and pandas through it, read it back as text."""
+    import h5py
+
+    if not value:
+        node.attrs[name] = h5py.Empty(dtype="S1")
+        return
+    node.attrs.create(name, np.array(value, dtype=h5py.string_dtype("utf-8", len(value))))
 
 
 def _check_arguments(nodes: int, days: int, seed: int) -> tuple[int, int, int]:
@@ -406,18 +534,22 @@ def _simulate(net: _Network, index: pd.DatetimeIndex, rng: np.random.Generator) 
     return _simulate_traffic(net, index, rng)[0]
 
 
-def _simulate_traffic(net: _Network, index: pd.DatetimeIndex,
-                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Speeds (as :func:`_simulate`), and the demand, capacity and congestion behind them."""
+def _simulate_traffic(net: _Network, index: pd.DatetimeIndex, rng: np.random.Generator,
+                      constants: dict[str, np.ndarray] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Speeds (as :func:`_simulate`), and the demand, capacity and congestion behind them;
+    ``constants`` (see :func:`_sensor_constants`) fixes the per-sensor draws."""
     steps, nodes = len(index), net.xy.shape[0]
 
     # Demand per sensor: its carriageway's profile, a local factor and a slow wander.
+    c = constants  # given when a long series is simulated in chunks: the sensors stay the same
     demand = _demand_profiles(index, net.inbound, rng)[:, net.carriageway]
-    demand *= rng.uniform(0.9, 1.1, nodes)
+    demand *= rng.uniform(0.9, 1.1, nodes) if c is None else c["local"]
     demand += _ar1(rng, (steps, nodes), phi=0.97, sd=0.04)
 
     # Breakdown where demand exceeds capacity; incidents cut capacity for a while.
-    capacity = np.where(net.bottleneck, rng.uniform(0.8, 0.95, nodes), rng.uniform(1.05, 1.4, nodes))
+    capacity = (np.where(net.bottleneck, rng.uniform(0.8, 0.95, nodes), rng.uniform(1.05, 1.4, nodes))
+                if c is None else c["capacity"])
     drive = np.clip((demand - capacity) / BREAKDOWN_WIDTH, 0.0, 1.0)
     n_incidents = rng.poisson(INCIDENTS_PER_SENSOR_DAY * nodes * steps / STEPS_PER_DAY)
     t0 = rng.integers(0, steps, n_incidents)
@@ -430,13 +562,21 @@ def _simulate_traffic(net: _Network, index: pd.DatetimeIndex,
 
     congestion = _propagate(net, drive, demand)
 
-    free_flow = rng.uniform(60.0, 71.0, nodes)  # the fastest sensors sit at the 70 mph clip
-    depth = rng.uniform(0.65, 0.8, nodes)  # jammed speeds of about 10-25 mph
+    free_flow = rng.uniform(60.0, 71.0, nodes) if c is None else c["free_flow"]  # some sit at the 70 mph clip
+    depth = rng.uniform(0.65, 0.8, nodes) if c is None else c["depth"]  # jammed speeds of about 10-25 mph
     speed = free_flow * (1.0 - 0.1 * np.clip(demand, 0.0, 1.2)) * (1.0 - depth * congestion)
     speed += (1.2 + 2.0 * congestion) * _ar1(rng, (steps, nodes), phi=0.5, sd=1.0)
     speed = np.clip(speed, MIN_SPEED, MAX_SPEED).astype(np.float32)
     speed[_missing_mask(rng, steps, nodes)] = 0.0
     return speed, demand, capacity, congestion
+
+
+def _sensor_constants(net: _Network, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """What :func:`_simulate_traffic` draws per sensor, drawn once for a chunked simulation."""
+    nodes = net.xy.shape[0]
+    return {"local": rng.uniform(0.9, 1.1, nodes),
+            "capacity": np.where(net.bottleneck, rng.uniform(0.8, 0.95, nodes), rng.uniform(1.05, 1.4, nodes)),
+            "free_flow": rng.uniform(60.0, 71.0, nodes), "depth": rng.uniform(0.65, 0.8, nodes)}
 
 
 def _counts(speed: np.ndarray, demand: np.ndarray, capacity: np.ndarray, congestion: np.ndarray,
