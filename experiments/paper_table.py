@@ -59,7 +59,8 @@ import pandas as pd
 
 from gwnet.atomic import atomic_path, atomic_write_text
 from gwnet.cli.common import run_cli
-from gwnet.config import Config, DataConfig, fields_filled_from_data, fields_with_role, read_config_file, update
+from gwnet.config import (Config, DataConfig, fields_filled_from_data, fields_with_role, flatten,
+                          read_config_file, update)
 from gwnet.data import TrafficData, load_data
 from gwnet.engine import Interrupted, MetricAccumulator, RunDir, resolve_device, run_finished, train
 from gwnet.engine.baselines import evaluate_baseline
@@ -210,8 +211,8 @@ def check_same_run(cfg: Config) -> None:
     saved_path = RunDir(root).saved_config
     if not saved_path.exists():
         return
-    saved = _flat(json.loads(saved_path.read_text()))
-    ours = _flat(copy.deepcopy(cfg).resolve().to_dict())
+    saved = flatten(json.loads(saved_path.read_text()))
+    ours = flatten(copy.deepcopy(cfg).resolve().to_dict())
     free = {f"{section}.{name}" if section else name
             for section, part in (("", cfg), ("data", cfg.data), ("model", cfg.model), ("train", cfg.train))
             for name in fields_with_role(part, *FREE_ROLES)}
@@ -224,16 +225,6 @@ def check_same_run(cfg: Config) -> None:
         shown = ", ".join(f"{k} {saved.get(k)!r} there, {ours.get(k)!r} now" for k in differ[:3])
         raise file_error(root, f"holds a run made with other options ({shown}); "
                          "choose another --out or delete it")
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            flat.update(_flat(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
 
 
 def train_row(cfg: Config) -> pd.DataFrame:

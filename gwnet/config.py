@@ -27,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
+import re
 import time
 import typing
 from dataclasses import dataclass, field, fields
@@ -57,6 +59,17 @@ def opt(default, help: str, choices=None, role: str | None = None, filled: bool 
             raise ValueError(f"unknown role {role!r}")
         meta["role"] = role
     return field(default=default, metadata=meta)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"data.seq_len": 12, ...}`` from a nested config dict (``Config.to_dict()``)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def fields_filled_from_data(cls: Any) -> tuple[str, ...]:
@@ -90,14 +103,19 @@ def coerce(cls: type, name: str, value: Any, source: str) -> Any:
             if isinstance(value, bool):
                 return value
         elif kind is int:
-            if not isinstance(value, bool) and float(value) == int(float(value)):
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+                return int(value)
+            if isinstance(value, (float, str)) and float(value).is_integer():  # 5.0, "1e3"; not inf/nan
                 return int(float(value))
         elif kind is float:
-            if not isinstance(value, bool):
+            # A number, or its text ("1e-3"); never a list, a table or a bool.
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
                 return float(value)
         elif isinstance(value, kind):
             return value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     raise GWNetError(f"{source}: option {name} must be {'none or ' if optional else ''}"
                      f"{kind.__name__}, got {value!r}")
@@ -217,6 +235,11 @@ class GWNetConfig(ModelConfig):
                     "order": self.order, "apt_size": self.apt_size,
                     "residual_channels": self.residual_channels}
         for name, value in positive.items():
+            if value < 1:
+                raise GWNetError(f"{name} must be at least 1, got {value}")
+        channels = {"dilation_channels": self.dilation_channels, "skip_channels": self.skip_channels,
+                    "end_channels": self.end_channels}
+        for name, value in channels.items():
             if value < 1:
                 raise GWNetError(f"{name} must be at least 1, got {value}")
         if not 0 <= self.dropout < 1:
@@ -354,6 +377,7 @@ class Config:
         if d.step_minutes is not None and not (d.step_minutes >= 1 and 1440 % d.step_minutes == 0):
             raise GWNetError(f"step_minutes must be whole minutes dividing a day, got {d.step_minutes}")
         self.model.validate()
+        _validate_train(t)
         if t.pretrain_horizon is not None and not 1 <= t.pretrain_horizon < d.horizon:
             raise GWNetError(f"pretrain_horizon must be between 1 and horizon-1 ({d.horizon - 1})")
         for name in self.train.loggers():
@@ -392,6 +416,52 @@ class Config:
         return cls.from_dict(read_config_file(path), source=os.fspath(path))
 
 
+MAX_SEED = 2**63 - 1
+DEVICE_NAMES = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _validate_train(t: TrainConfig) -> None:
+    """Training options that make no sense: one :class:`GWNetError` for the first one."""
+    def finite(name: str, value: float) -> None:
+        if not math.isfinite(value):
+            raise GWNetError(f"{name} must be a finite number, got {value}")
+
+    finite("lr", t.lr)
+    if t.lr <= 0:
+        raise GWNetError(f"lr must be above 0, got {t.lr}")
+    finite("weight_decay", t.weight_decay)
+    if t.weight_decay < 0:
+        raise GWNetError(f"weight_decay must be at least 0, got {t.weight_decay}")
+    finite("lr_decay", t.lr_decay)
+    if not 0 < t.lr_decay <= 1:
+        raise GWNetError(f"lr_decay must be in (0, 1] (1 = constant learning rate), got {t.lr_decay}")
+    if t.clip is not None:
+        finite("clip", t.clip)
+        if t.clip <= 0:
+            raise GWNetError(f"clip must be above 0 (or none to disable clipping), got {t.clip}")
+    if t.patience < 1:
+        raise GWNetError(f"patience must be at least 1, got {t.patience}")
+    if t.batches_per_epoch is not None and t.batches_per_epoch < 1:
+        raise GWNetError(f"batches_per_epoch must be at least 1 (or none for all), got {t.batches_per_epoch}")
+    if not 0 <= t.seed <= MAX_SEED:
+        raise GWNetError(f"seed must be between 0 and 2**63-1, got {t.seed}")
+    # The readers store every missing reading as 0.0 (NaN readings included), so a NaN
+    # null_value would mark nothing missing and score the missing zeros as readings.
+    if math.isnan(t.null_value):
+        raise GWNetError("null_value nan marks nothing: the readers store missing readings (NaN ones too) as 0; "
+                         "keep null_value 0")
+    if math.isinf(t.null_value):
+        raise GWNetError(f"null_value must be a finite number, got {t.null_value}")
+    finite("clamp_min", t.clamp_min)
+    if t.clamp_max is not None:
+        if math.isnan(t.clamp_max):
+            raise GWNetError("clamp_max must be a number (or none), got nan")
+        if t.clamp_min > t.clamp_max:
+            raise GWNetError(f"clamp_min {t.clamp_min:g} is above clamp_max {t.clamp_max:g}")
+    if not isinstance(t.device, str) or not DEVICE_NAMES.fullmatch(t.device):
+        raise GWNetError(f"unknown device {t.device!r}; use cpu, cuda, cuda:N or auto")
+
+
 # --- Graph WaveNet's presets (other models register theirs in gwnet.models) --------------
 @PRESETS.register("improved")
 def _improved() -> Config:
@@ -401,9 +471,13 @@ def _improved() -> Config:
 
 @PRESETS.register("original")
 def _original() -> Config:
-    """Wu et al.: gradient clipping 5, constant learning rate, zeros kept as inputs."""
+    """Wu et al.'s recipe: 100 epochs with no early stopping (every epoch trains, the best
+    validation epoch is kept: patience equals the epochs), gradient clipping 5, constant
+    learning rate, no upper clamp of forecasts (their evaluation clamps nothing; the lower
+    bound 0 of non-negative readings stays), zeros kept as inputs."""
+    epochs = 100
     return Config(preset="original", model=GWNetConfig.original(), data=DataConfig(fill_zeroes=False),
-                  train=TrainConfig(clip=5.0, lr_decay=1.0))
+                  train=TrainConfig(epochs=epochs, patience=epochs, clip=5.0, lr_decay=1.0, clamp_max=math.inf))
 
 
 def _scaled_preset(size: str):

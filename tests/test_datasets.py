@@ -251,8 +251,18 @@ def test_synth_cli_writes_each_layout_and_refuses_to_overwrite(tmp_path, capsys)
         assert data_main(["synth", "--out", str(out), "--format", layout, "--name", "PEMS04", "--nodes", "5",
                           "--days", "1"]) == 0
         assert {p.name for p in out.iterdir()} == files
-        assert data_main(["synth", "--out", str(out), "--format", layout, "--nodes", "5", "--days", "1"]) == 2
+        assert data_main(["synth", "--out", str(out), "--format", layout, "--name", "PEMS04", "--nodes", "5",
+                          "--days", "1"]) == 2
         assert "pass --overwrite" in capsys.readouterr().err
+        before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        assert data_main(["synth", "--out", str(out), "--format", layout, "--name", "PEMS04", "--nodes", "5",
+                          "--days", "1", "--overwrite"]) == 0
+        assert {p.name for p in out.iterdir()} == files and before != {p.name: p.stat().st_mtime_ns
+                                                                        for p in out.iterdir()}
+        # a folder holding anything else is never written into
+        assert data_main(["synth", "--out", str(out), "--format", layout, "--name", "other", "--nodes", "5",
+                          "--days", "1", "--overwrite"]) == 2
+        assert "did not write" in capsys.readouterr().err
     meta = pd.read_csv(tmp_path / "largest" / "PEMS04_meta.csv")
     assert list(meta.columns) == ["ID", "Lat", "Lng", "District", "County", "Fwy", "Lane", "Type", "Direction"]
 
@@ -268,3 +278,31 @@ def test_synthetic_flow_has_a_daily_profile():
     ok = speed > 0
     assert np.corrcoef(occ[ok], speed[ok])[0, 1] < -0.3
     np.testing.assert_array_equal(data.flow.to_numpy() == 0, data.speeds.to_numpy() == 0)
+
+
+def test_largest_layout_is_streamed_into_a_frame_pandas_reads(tmp_path):
+    paths = synthetic.write(tmp_path, nodes=7, days=9, seed=5, layout="largest", name="gla")  # two chunks
+    theirs = pd.read_hdf(paths["speeds"], "t")
+    ours = read_speeds(paths["speeds"])
+    assert theirs.shape == (9 * 96, 7) and list(map(str, theirs.columns)) == list(ours.columns)
+    np.testing.assert_array_equal(theirs.to_numpy(), ours.to_numpy())
+    assert (theirs.index == ours.index).all() and theirs.index[1] - theirs.index[0] == pd.Timedelta("15min")
+    # both weeks hold traffic with rush hours (the second chunk is not a copy of the first)
+    first, second = ours.iloc[:7 * 96].to_numpy(), ours.iloc[7 * 96:].to_numpy()
+    assert not np.array_equal(first[:len(second)], second) and second.mean() > 0
+    adj = np.load(paths["adj"])
+    assert adj.shape == (7, 7) and np.count_nonzero(adj - np.diag(np.diag(adj))) > 0
+    again = synthetic.write(tmp_path / "again", nodes=7, days=9, seed=5, layout="largest", name="gla")
+    np.testing.assert_array_equal(read_speeds(again["speeds"]).to_numpy(), ours.to_numpy())  # same seed
+
+
+def test_fixed_frame_writer_refuses_a_short_or_oversized_frame(tmp_path):
+    from gwnet.data.synthetic import FixedFrameWriter
+
+    index = pd.date_range("2020-01-01", periods=4, freq="15min")
+    with pytest.raises(ValueError, match="wrote 2 of 4 rows"):
+        with FixedFrameWriter(tmp_path / "x.h5", "t", [1, 2], index) as frame:
+            frame.write(np.ones((2, 2), np.float32))
+    with pytest.raises(ValueError, match="do not fit the frame"):
+        with FixedFrameWriter(tmp_path / "y.h5", "t", [1, 2], index) as frame:
+            frame.write(np.ones((5, 2), np.float32))

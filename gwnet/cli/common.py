@@ -9,7 +9,9 @@ data (roles ``derived`` and ``output``) get no flag. Precedence: preset < ``--co
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
+import re
 import sys
 import warnings
 from dataclasses import fields
@@ -17,8 +19,69 @@ from typing import Any, Callable
 
 from ..config import (DERIVED_ROLES, SECTIONS, Config, DataConfig, ModelConfig, TrainConfig, field_types,
                       read_config_file, update)
+from .._version import __version__
 from ..errors import GWNetError
 from ..registry import PRESETS
+
+
+def plain(text: str | None) -> str | None:
+    """``text`` without reStructuredText markup: ``literal`` and :role:`target` become plain words."""
+    if not text:
+        return text
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    return text.replace("``", "")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written (paragraphs kept), and every option's default in its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.default is None or action.nargs == 0:  # a switch's help says what it does
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Every command's parser: plain-text help with defaults, ``--version``, and a mistake in the
+    flags as one line (a misspelled flag names the closest one), exit status 2."""
+
+    def __init__(self, *args, version: bool = True, **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        kw.setdefault("allow_abbrev", False)
+        if kw.get("description"):
+            kw["description"] = plain(kw["description"])
+        super().__init__(*args, **kw)
+        if version and self.add_help:
+            self.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                              help="print the gwnet version and exit")
+
+    def add_subparsers(self, **kw):
+        kw.setdefault("parser_class", functools.partial(type(self), version=False))
+        return super().add_subparsers(**kw)
+
+    def option_strings(self) -> list[str]:
+        """The flags this parser (and its subcommands) takes."""
+        found = list(self._option_string_actions)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    found += list(sub._option_string_actions)
+        return found
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments:"):
+            hints = []
+            for word in message.split(":", 1)[1].split():
+                if word.startswith("--"):
+                    close = difflib.get_close_matches(word.split("=", 1)[0], self.option_strings(), n=1)
+                    if close:
+                        hints.append(f"did you mean {close[0]}?")
+            if hints:
+                message += f" ({'; '.join(hints)})"
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def section_classes(model: type[ModelConfig]) -> dict[str, type]:
@@ -51,12 +114,44 @@ def _parse_optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def add_field(group, section: str | None, f, model: type[ModelConfig] = ModelConfig) -> None:
-    """Add the flag of config field ``f`` (of ``section``, or of the top level when None)."""
+@functools.lru_cache(maxsize=None)
+def _preset_configs(names: tuple[str, ...]) -> tuple[Config, ...]:
+    """One config per preset of ``names`` (read only), for the defaults shown in ``--help``."""
+    return tuple(Config.from_preset(name) for name in names)
+
+
+def default_text(section: str | None, name: str, model: type[ModelConfig] = ModelConfig) -> str:
+    """``default: 3.0`` (the default preset's value, or the first preset of ``model``), with
+    ``; presets may differ`` when another preset of the same model sets something else."""
+    try:
+        configs = [c for c in _preset_configs(tuple(PRESETS)) if section != "model" or type(c.model) is model]
+    except GWNetError:
+        return ""
+    if not configs:
+        return ""
+    default = next((c for c in configs if c.preset == Config().preset), configs[0])
+
+    def value(cfg: Config):
+        return getattr(getattr(cfg, section) if section else cfg, name, None)
+
+    shown = value(default)
+    text = "none" if shown is None else str(shown).lower() if isinstance(shown, bool) else str(shown)
+    differ = section is not None and any(value(c) != shown for c in configs)
+    return f"default: {text}" + ("; presets may differ" if differ else "")
+
+
+def add_field(group, section: str | None, f, model: type[ModelConfig] = ModelConfig,
+              show_default: bool = True) -> None:
+    """Add the flag of config field ``f`` (of ``section``, or of the top level when None);
+    its help ends with the default preset's value unless ``show_default`` is false."""
     kind, optional = field_types(section_classes(model)[section] if section else Config)[f.name]
     flag = "--" + ("model" if f.name == "preset" else f.name.replace("_", "-"))
     dest = f"{section}.{f.name}" if section else f.name
-    kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=f.metadata.get("help"))
+    text = plain(f.metadata.get("help")) or ""
+    shown = default_text(section, f.name, model if section == "model" else ModelConfig) if show_default else ""
+    if shown and "default" not in text:  # a help that states its default already keeps it
+        text = f"{text} ({shown})" if text else f"({shown})"
+    kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=text.replace("%", "%%"))
     if kind is bool:
         kw["action"] = argparse.BooleanOptionalAction
     else:
@@ -130,3 +225,49 @@ def run_cli(prog: str) -> Callable[[Callable[..., int | None]], Callable[..., in
         return wrapper
 
     return wrap
+
+
+# --- results a reader can read: minutes ahead, units, baselines beside the model ------------
+def lead_label(horizon: str | int, data) -> str:
+    """``+15 min`` for a horizon row (``mean`` stays), from the data's step and first offset."""
+    if str(horizon) == "mean":
+        return "mean"
+    step = data.step_minutes or 5
+    return f"+{(data.first_offset + int(horizon) - 1) * step} min"
+
+
+def metrics_note(data) -> str:
+    """``MAE and RMSE in mph (speed), MAPE in %``."""
+    if data.unit:
+        what = f" in {data.unit}" + (f" ({data.target})" if data.target else "")
+    else:
+        what = f" of {data.target} in its own unit" if data.target else ""
+    return f"MAE and RMSE{what}, MAPE in %"
+
+
+def results_table(table, data, baselines: dict | None = None):
+    """A metrics table (rows: horizons 1..H and ``mean``; mae, rmse, mape as a fraction) with
+    minutes ahead as rows, MAPE in %, and each baseline's MAE and RMSE beside it."""
+    out = table[["mae", "rmse", "mape"]].copy()
+    out["mape"] = out["mape"] * 100
+    out.columns = ["MAE", "RMSE", "MAPE %"]
+    for name, base in (baselines or {}).items():
+        base = base.reindex(table.index.astype(str)) if base is not None else None
+        if base is None:
+            continue
+        out[f"{name} MAE"] = base["mae"].to_numpy()
+        out[f"{name} RMSE"] = base["rmse"].to_numpy()
+    out.index = [lead_label(h, data) for h in table.index]
+    out.index.name = "ahead"
+    return out
+
+
+BASELINE_NAMES = {"last_value": "last value", "historical_average": "hist. average"}
+
+
+def baseline_tables(data, split: str, null_value: float) -> dict:
+    """``{label: table}`` of the last-value and historical-average baselines on ``split``."""
+    from ..engine.baselines import evaluate_baseline
+
+    return {label: evaluate_baseline(data, name, split, null_value=null_value).table()
+            for name, label in BASELINE_NAMES.items()}

@@ -15,8 +15,8 @@ from ..data import synthetic
 from ..data.graph import read_graph
 from ..data.readers import ReadOptions, infer_step, read_speeds
 from ..data.windows import build_series, count_windows, split_ranges
-from ..errors import GWNetError, file_error
-from .common import run_cli
+from ..errors import GWNetError
+from .common import ArgumentParser, run_cli
 
 GRAPH_HINTS = (".pkl", ".pickle")
 
@@ -102,21 +102,21 @@ def inspect(path: str, key: str | None = None, target: str | None = None) -> str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gwnet-data", description=__doc__, allow_abbrev=False)
+    parser = ArgumentParser(prog="gwnet-data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     synth = sub.add_parser("synth", help="write a synthetic dataset in a published layout")
     synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--format", dest="layout", choices=synthetic.LAYOUTS, default="metr-la",
                        help="metr-la (speeds.h5 + adj_mx.pkl), pems (NAME.npz + NAME.csv from,to,cost) or "
                             "largest (NAME_his_2019.h5 + NAME_rn_adj.npy + NAME_meta.csv)")
-    synth.add_argument("--step", type=int, default=None, help="minutes between readings, a multiple of 5 "
-                       "(default: 5; largest: 15)")
+    synth.add_argument("--step", type=int, default=None, help="minutes between readings, a multiple of 5; "
+                       "default: 5, largest: 15")
     synth.add_argument("--target", choices=synthetic.TARGETS, default=None,
-                       help="what a one-quantity file holds (default: speed; largest: flow)")
-    synth.add_argument("--name", default=None, help="file name stem for pems/largest (default: synthetic)")
-    synth.add_argument("--nodes", type=int, default=DataConfig.synth_nodes)
-    synth.add_argument("--days", type=int, default=DataConfig.synth_days)
-    synth.add_argument("--seed", type=int, default=DataConfig.synth_seed)
+                       help="what a one-quantity file holds; default: speed, largest: flow")
+    synth.add_argument("--name", default=None, help="file name stem for pems/largest; default: synthetic")
+    synth.add_argument("--nodes", type=int, default=DataConfig.synth_nodes, help="sensors")
+    synth.add_argument("--days", type=int, default=DataConfig.synth_days, help="days of readings")
+    synth.add_argument("--seed", type=int, default=DataConfig.synth_seed, help="generator seed")
     synth.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     ins = sub.add_parser("inspect", help="summarise a readings file or a graph file")
     ins.add_argument("files", nargs="+")
@@ -129,9 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "with --overwrite)")
     exp.add_argument("--overwrite", action="store_true",
                      help="replace the earlier export in --out (all three files at once)")
-    exp.add_argument("--seq-len", type=int, default=DataConfig.seq_len)
-    exp.add_argument("--horizon", type=int, default=DataConfig.horizon)
-    exp.add_argument("--day-of-week", action=argparse.BooleanOptionalAction, default=DataConfig.day_of_week)
+    exp.add_argument("--seq-len", type=int, default=DataConfig.seq_len, help="past steps per window")
+    exp.add_argument("--horizon", type=int, default=DataConfig.horizon, help="future steps per window")
+    exp.add_argument("--day-of-week", action=argparse.BooleanOptionalAction, default=DataConfig.day_of_week,
+                     help=f"add a one-hot day of week (default: {str(DataConfig.day_of_week).lower()})")
     return parser
 
 
@@ -139,13 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "synth":
-        out = Path(args.out)
-        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-            raise file_error(out, "is not empty; pass --overwrite to write the dataset into it anyway")
-        paths = synthetic.write(args.out, nodes=args.nodes, days=args.days, seed=args.seed, layout=args.layout,
-                                step=args.step, target=args.target, name=args.name)
+        # The dataset appears whole: written beside --out, then swapped in (an earlier one only
+        # with --overwrite, and never a folder holding files of anything else).
+        with atomic_directory(args.out, args.overwrite, synthetic.layout_files(args.layout, args.name),
+                              "gwnet-data synth") as stage:
+            paths = synthetic.write(stage, nodes=args.nodes, days=args.days, seed=args.seed, layout=args.layout,
+                                    step=args.step, target=args.target, name=args.name)
         for path in paths.values():
-            print(path)
+            print(Path(args.out) / path.name)
     elif args.command == "inspect":
         for path in args.files:
             print(inspect(path, args.key, args.target), end="")

@@ -5,6 +5,10 @@ them per horizon (mean, the best member per horizon on validation, or NNLS weigh
 validation) and writes OUT_DIR: predictions.csv or .parquet (origin_time, target_time,
 sensor_id, horizon, prediction, actual), metrics.csv, ensemble.json/.csv (the weights each
 horizon used) and PNG plots. See gwnet.ensemble for the layout.
+
+With --latest it forecasts the horizons after the last readings: --data may then be a file of
+just those readings (at least seq_len steps, the run's sensors and step), and the graph is the
+one saved in the runs' best.pt unless --adj is given.
 """
 from __future__ import annotations
 
@@ -16,16 +20,18 @@ import pandas as pd
 from ..atomic import check_output_directory
 from ..config import DataConfig
 from ..ensemble import FORMATS, STRATEGIES, Ensemble, load_members, run
+from ..ensemble.members import ENSEMBLE, SOURCE_FIELDS
 from ..ensemble.report import OUTPUT_FILES
-from ..ensemble.members import SOURCE_FIELDS
-from .common import add_field, run_cli
+from ..errors import GWNetError
+from .common import ArgumentParser, add_field, baseline_tables, lead_label, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gwnet-predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-        epilog="Without --data/--dataset the data of the first run's config is used. Example: "
+    parser = ArgumentParser(
+        prog="gwnet-predict", description=__doc__,
+        epilog="Without --data/--dataset the data of the first run's config is used. With --latest, "
+               "--data may hold only the last readings (at least seq_len steps) and the graph comes "
+               "from the runs' best.pt unless --adj is given. Example: "
                "gwnet-predict runs/h3 runs/h12 --strategy per-horizon --out predictions/")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
                         help="run directories (gwnet-train --out); a file is taken as a reference "
@@ -36,24 +42,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace the earlier result in OUT_DIR (as a whole, once the new one is complete)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--split", choices=("test", "val", "all"), default="test",
-                       help="windows to predict (default: test)")
+                       help="windows to predict")
     which.add_argument("--latest", action="store_true",
-                       help="forecast the next horizons after the last readings (no actuals)")
+                       help="forecast the next horizons after the last readings (no actuals); --data may "
+                            "then hold just the last readings")
     parser.add_argument("--strategy", choices=STRATEGIES, default="per-horizon",
                         metavar="{" + ",".join(STRATEGIES) + "}",
                         help="how members combine per horizon; per-horizon and weighted are fitted "
-                             "on the data's validation split (default: per-horizon)")
+                             "on the data's validation split (with one member: that member)")
     parser.add_argument("--format", choices=FORMATS, default="csv", help="predictions file format")
     parser.add_argument("--sensors", nargs="+", metavar="ID", default=None,
                         help="sensors to plot (default: the first 3); give it after the run directories")
     parser.add_argument("--batch-size", type=int, default=None, metavar="N",
-                        help="windows per batch (default: the first run's)")
+                        help="windows per batch; default: the first run's")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    parser.add_argument("--fill-zeroes", action=argparse.BooleanOptionalAction, default=None,
+                        help="reference (.pth) members: feed missing inputs as the mean (on) or as 0 "
+                             "(off); default: the first run's setting, else on. Run directories "
+                             "always keep their own")
     group = parser.add_argument_group("data (as gwnet-train takes it)")
     for f in fields(DataConfig):
         if f.name in SOURCE_FIELDS:
-            add_field(group, "data", f)
+            add_field(group, "data", f, show_default=False)  # default: the first run's
     return parser
 
 
@@ -68,6 +79,19 @@ def weights_table(ensemble: Ensemble) -> pd.DataFrame:
     return table
 
 
+def mae_table(metrics: pd.DataFrame, ensemble: Ensemble, data, split: str) -> pd.DataFrame:
+    """Minutes ahead x models (members, the ensemble when there are several, the baselines)."""
+    mae = metrics.pivot(index="horizon", columns="model", values="mae")
+    names = [m.name for m in ensemble.members] + ([ENSEMBLE] if len(ensemble.members) > 1 else [])
+    mae = mae[names]
+    if split in ("test", "val"):
+        for label, table in baseline_tables(data, split, ensemble.null_value).items():
+            mae[label] = table["mae"].drop("mean").to_numpy()[:len(mae)]
+    mae.index = [lead_label(h, data.config) for h in mae.index]
+    mae.index.name, mae.columns.name = "ahead", None
+    return mae
+
+
 @run_cli("gwnet-predict")
 def main(argv: list[str] | None = None) -> int:
     from ..engine.device import resolve_device
@@ -79,19 +103,37 @@ def main(argv: list[str] | None = None) -> int:
     # An --out that cannot take the result is refused before any work.
     check_output_directory(args.out, args.overwrite, OUTPUT_FILES, "gwnet-predict")
     source = {name.split(".", 1)[1]: value for name, value in vars(args).items() if name.startswith("data.")}
-    members, data = load_members(args.runs, resolve_device(args.device), **source)
+    # Several members combined by a fitted strategy need the validation split even for --latest:
+    # then the whole file is read; otherwise the last readings are enough.
+    fitted = len(args.runs) > 1 and STRATEGIES.get_entry(args.strategy).needs_validation
+    device = resolve_device(args.device)
+    try:
+        members, data = load_members(args.runs, device, latest=args.latest and not fitted,
+                                     fill_zeroes=args.fill_zeroes, **source)
+    except GWNetError:
+        if not (args.latest and fitted):
+            raise
+        # A file of the last readings only: run() then says the strategy has nothing to fit on.
+        members, data = load_members(args.runs, device, latest=True, fill_zeroes=args.fill_zeroes, **source)
     ensemble = Ensemble(members, args.strategy)
     split = "latest" if args.latest else args.split
     report = run(ensemble, data, args.out, split=split, fmt=args.format, sensors=args.sensors,
                  batch_size=args.batch_size or members[0].config.train.batch_size, plots=args.plots,
                  overwrite=args.overwrite)
     number = lambda v: "" if pd.isna(v) else f"{v:.4f}"  # noqa: E731
-    print(f"{args.strategy} ensemble of {len(members)} member(s); weights per horizon:")
-    print(weights_table(ensemble).to_string(float_format=number, na_rep=""))
+    weights = weights_table(ensemble)
+    weights.index = [lead_label(h, data.config) for h in weights.index]
+    weights.index.name, weights.columns.name = "ahead", None
+    if len(members) == 1:
+        print(f"model {members[0].name} ({members[0].source}), horizons 1-{members[0].horizon}")
+    else:
+        print(f"{args.strategy} ensemble of {len(members)} members; weights per horizon:")
+        print(weights.to_string(float_format=number, na_rep=""))
     if report.metrics is not None:
-        mae = report.metrics.pivot(index="horizon", columns="model", values="mae")
-        print(f"\nMAE on the {split} split of {data.source} ({data.config.protocol}):")
-        print(mae[list(report.metrics["model"].unique())].to_string(float_format=number, na_rep=""))
+        unit = f" in {data.config.unit}" if data.config.unit else ""
+        print(f"\nMAE{unit} on the {split} split of {data.source} "
+              f"({data.config.protocol}):")
+        print(mae_table(report.metrics, ensemble, data, split).to_string(float_format=number, na_rep=""))
     print(f"\n{report.rows} rows: {report.predictions}")
     for path in report.files[1:]:
         print(f"wrote {path}")

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..config import Config
+from ..config import Config, fields_with_role, flatten, read_config_file
 from ..engine.checkpoint import RunDir
 from ..errors import file_error
-from .common import add_config_flags, config_from_args, model_config_class, run_cli
+from .common import (ArgumentParser, add_config_flags, config_from_args, metrics_note,
+                     model_config_class, results_table, run_cli)
 
 # The no-argument run must finish in minutes on a laptop CPU; real data uses the paper's budget.
 QUICK_BUDGET = {"epochs": 8, "batches_per_epoch": 30}
@@ -34,9 +35,12 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     pre.add_argument("--resume", default=None)
     resumed = pre.parse_known_args(list(argv))[0].resume
     base = Config.load(_saved_config(resumed)) if resumed else None
-    parser = argparse.ArgumentParser(
-        prog="gwnet-train", description=__doc__, allow_abbrev=False,
-        epilog="Precedence: preset (--model) < --config file < flags. "
+    parser = ArgumentParser(
+        prog="gwnet-train", description=__doc__,
+        epilog="Precedence: preset (--model) < --config file < flags. Defaults are the default "
+               f"preset's (improved); with no data arguments the budget is {QUICK_BUDGET['epochs']} "
+               f"epochs of {QUICK_BUDGET['batches_per_epoch']} batches unless --epochs or "
+               "--batches-per-epoch replaces its half. "
                "Example: gwnet-train --data metr-la.h5 --adj adj_mx.pkl --out runs/improved")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue an interrupted run (flags given override its config)")
@@ -44,19 +48,43 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+# What a resumed run may change: where and how it runs, and how long it goes on.
+RESUMABLE = {"train.epochs", "train.patience"}
+
+
+def check_resume_options(saved: Config, cfg: Config, source: Path) -> None:
+    """Refuse a ``--resume`` whose flags change what the run computes (its data, windows, model
+    or recipe), naming the first such option; runtime options and the epoch budget may change."""
+    free = set(RESUMABLE) | {"out"}
+    for section, part in (("", cfg), ("data", cfg.data), ("model", cfg.model), ("train", cfg.train)):
+        free |= {f"{section}.{n}" if section else n for n in fields_with_role(part, "runtime")}
+    before, after = flatten(saved.to_dict()), flatten(cfg.to_dict())
+    for key in sorted(set(before) | set(after)):
+        if key not in free and before.get(key) != after.get(key):
+            raise file_error(source.parent, f"--resume cannot change {key} ({before.get(key)!r} in the run, "
+                             f"{after.get(key)!r} given); start a new run, or --init-from this one")
+
+
 def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     """The run's config, and whether it resumes an existing run directory."""
     if args.resume:
-        cfg = config_from_args(args, base=Config.load(_saved_config(args.resume)))
+        saved_path = _saved_config(args.resume)
+        saved = Config.load(saved_path)
+        cfg = config_from_args(args, base=Config.load(saved_path))
         cfg.out = str(RunDir(args.resume).root)
+        check_resume_options(saved, cfg, saved_path)
         return cfg, True
     cfg = config_from_args(args)
-    given = vars(args)  # flags default to SUPPRESS: only those given are here
-    data_given = args.config_file or "data.data" in given or "data.dataset" in given
-    budget_given = args.config_file or "train.epochs" in given or "train.batches_per_epoch" in given
-    if not data_given and not budget_given:
+    given = set(vars(args))  # flags default to SUPPRESS: only those given are here
+    file_raw = read_config_file(args.config_file) if args.config_file else {}
+    for section in ("data", "train"):
+        given |= {f"{section}.{name}" for name in file_raw.get(section) or {}}
+    # The quick budget is for the embedded synthetic data; each of its halves gives way to the
+    # flag (or config file option) that sets it, the other half stays.
+    if not {"data.data", "data.dataset"} & given:
         for name, value in QUICK_BUDGET.items():
-            setattr(cfg.train, name, value)
+            if f"train.{name}" not in given:
+                setattr(cfg.train, name, value)
     return cfg, False
 
 
@@ -83,14 +111,34 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     if not main_process:
         return 0
-    table = result.test_metrics.copy()
-    table["mape"] = table["mape"] * 100
-    saved = Config.load(RunDir(result.run_dir).config).data
-    unit = f" in {saved.unit}" if saved.unit else ""
+    saved = Config.load(RunDir(result.run_dir).config)
+    baselines = _baselines(saved, result.run_dir)
     print(f"\ntest metrics of the best epoch ({result.best_epoch}, validation MAE "
-          f"{result.best_val_mae:.4f}); MAE and RMSE{unit}, MAPE in %:")
-    if saved.protocol:
-        print(f"protocol: {saved.protocol}")
+          f"{result.best_val_mae:.4f}); {metrics_note(saved.data)}"
+          + ("; baselines beside it" if baselines else "") + ":")
+    if saved.data.protocol:
+        print(f"protocol: {saved.data.protocol}")
+    table = results_table(result.test_metrics, saved.data, baselines)
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
     print(f"run directory: {Path(result.run_dir)}")
     return 0
+
+
+def _baselines(cfg: Config, run_dir) -> dict:
+    """The last-value and historical-average baselines on the run's test split (none, with a
+    warning, when the data cannot be read again)."""
+    import warnings
+
+    from ..data import load_data
+    from ..data.scaler import StandardScaler
+    from ..engine.checkpoint import load_checkpoint
+    from ..errors import GWNetError
+    from .common import baseline_tables
+
+    try:
+        scaler = StandardScaler(**load_checkpoint(RunDir(run_dir).best)["scaler"])
+        data = load_data(cfg.data, scaler=scaler)
+        return baseline_tables(data, "test", cfg.train.null_value)
+    except (GWNetError, OSError) as exc:
+        warnings.warn(f"baselines not shown: {exc}")
+        return {}

@@ -202,9 +202,62 @@ class TrafficData:
 
     def latest(self, scaler: StandardScaler | None = None) -> tuple[torch.Tensor, pd.Timestamp]:
         """The last ``seq_len`` readings as one scaled input ``(1, seq_len, N, F)``, and its origin."""
+        if len(self.series) < self.config.seq_len:
+            raise file_error(self.source, f"{len(self.series)} readings are too few: the model reads the "
+                             f"last {self.config.seq_len} steps")
         x = self.series.gather(torch.arange(len(self.series) - self.config.seq_len, len(self.series)))[None]
         x[..., 0] = (scaler or self.scaler).transform(x[..., 0])
         return x, self.speeds.index[-1]
+
+
+def load_latest(cfg: DataConfig, sensor_ids: list[str], adjacency, scaler: StandardScaler) -> TrafficData:
+    """The readings of ``cfg`` as data to forecast the next steps from, and nothing more.
+
+    The file may hold just the last readings (at least ``cfg.seq_len`` steps): nothing is split
+    or fitted. The graph is ``adjacency`` over ``sensor_ids`` (what a run's ``best.pt`` holds)
+    unless ``cfg.adj`` names a graph file; the sensors must be the run's (any column order)
+    and the step its ``cfg.step_minutes``; inputs are scaled with ``scaler`` (the run's). The
+    returned data has no windows (``windows == {}``): use :meth:`TrafficData.latest`.
+    """
+    protocol = protocol_of(cfg.dataset, cfg.data is not None)
+    if cfg.data is not None:
+        path = Path(cfg.data)
+        default_target = "flow" if path.suffix.lower() == ".npz" else protocol.target
+        options = ReadOptions(key=cfg.key, target=cfg.target or default_target, start=cfg.start,
+                              step_minutes=cfg.step_minutes or protocol.step_minutes,
+                              ids=str(path.with_suffix(".txt")))
+    else:
+        source = resolve_source(cfg)
+        path, options, protocol = source.data, source.options, source.protocol
+    speeds = read_speeds(path, options=options)
+    columns = [str(c) for c in speeds.columns]
+    expected = [str(s) for s in sensor_ids]
+    if set(columns) != set(expected):
+        missing = [s for s in expected if s not in set(columns)]
+        extra = [s for s in columns if s not in set(expected)]
+        what = (f"lacks {len(missing)} of the run's {len(expected)} sensors, e.g. {missing[0]!r}" if missing
+                else f"has {len(extra)} sensors the run was not trained on, e.g. {extra[0]!r}")
+        raise file_error(path, f"{what}; forecast from readings of the run's sensors")
+    speeds.columns = columns
+    speeds = speeds[expected]
+    if len(speeds) < cfg.seq_len:
+        raise file_error(path, f"{len(speeds)} readings are too few: the model reads the last {cfg.seq_len} steps")
+    if len(speeds) > 1:
+        minutes = infer_step(speeds.index) // pd.Timedelta(minutes=1)
+        if cfg.step_minutes is not None and minutes != cfg.step_minutes:
+            raise file_error(path, f"readings are {minutes} minutes apart, the run was trained on "
+                             f"{cfg.step_minutes}-minute readings")
+    if cfg.adj is not None:
+        graph = read_graph(cfg.adj, sensor_ids=expected, normalized_k=cfg.normalized_k,
+                           weights=cfg.adj_weights)
+        graph = align_graph(graph, expected, str(cfg.adj))
+    else:
+        graph = SensorGraph(expected, adjacency)
+    cfg = dataclasses.replace(cfg, target=cfg.target or options.target)
+    if cfg.step_minutes is None:
+        cfg.step_minutes = (infer_step(speeds.index) // pd.Timedelta(minutes=1) if len(speeds) > 1
+                            else protocol.step_minutes)
+    return TrafficData(speeds, graph, cfg, build_series(speeds, cfg), {}, scaler, str(path), protocol)
 
 
 def load_data(cfg: DataConfig, scaler: StandardScaler | None = None) -> TrafficData:

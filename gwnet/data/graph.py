@@ -28,6 +28,37 @@ from ..errors import GWNetError, file_error
 
 # Third-column names of a headered graph CSV (a header is also recognised by from,to).
 HEADER_NAMES = ("distance", "cost", "weight", "w")
+# The largest graph read: a dense N x N float32 adjacency of 20,000 sensors is 1.5 GiB (LargeST's
+# whole of California has 8,600). A file asking for more is refused before anything that size
+# is allocated, whatever its own size (a pickle can repeat one row object N times).
+MAX_GRAPH_SENSORS = 20_000
+
+
+def _check_graph_size(path: str, n: int, what: str = "adjacency") -> None:
+    """Refuse an ``n x n`` dense adjacency beyond :data:`MAX_GRAPH_SENSORS`."""
+    if n > MAX_GRAPH_SENSORS:
+        gib = n * n * 4 / 2**30
+        raise file_error(path, f"{what} has {n:,} sensors, more than the {MAX_GRAPH_SENSORS:,} gwnet reads "
+                         f"(a dense {n:,} x {n:,} adjacency would take {gib:,.1f} GiB)")
+
+
+def _nested_size(obj, limit: int, seen: dict[int, int] | None = None) -> int:
+    """Scalars a nested list/tuple holds, counting a repeated (shared) element each time it
+    appears, as ``np.asarray`` would copy it; stops counting past ``limit``."""
+    if not isinstance(obj, (list, tuple)):
+        return int(obj.size) if isinstance(obj, np.ndarray) else 1
+    seen = {} if seen is None else seen
+    key = id(obj)
+    if key in seen:
+        return seen[key]
+    seen[key] = limit + 1  # a list holding itself is as good as infinite
+    total = 0
+    for item in obj:
+        total += _nested_size(item, limit, seen)
+        if total > limit:
+            break
+    seen[key] = total
+    return total
 
 
 @dataclass
@@ -103,6 +134,21 @@ def read_adjacency_pickle(path: str | os.PathLike) -> SensorGraph:
     sensor_ids, id_to_ind, adj = obj
     if not isinstance(sensor_ids, (list, tuple)) or not isinstance(id_to_ind, dict):
         raise file_error(path, "expected the DCRNN triple [sensor_ids, sensor_id_to_ind, adj_mx]")
+    _check_graph_size(path, len(sensor_ids), "sensor_ids")
+    if not all(isinstance(s, (str, bytes, int, np.integer, np.str_)) for s in sensor_ids):
+        raise file_error(path, "sensor ids must be strings or integers")
+    if isinstance(adj, (list, tuple)):
+        _check_graph_size(path, len(adj), "adjacency")
+        limit = MAX_GRAPH_SENSORS ** 2
+        try:
+            entries = _nested_size(adj, limit)
+        except RecursionError:
+            raise file_error(path, "adjacency is nested too deeply to be a matrix") from None
+        if entries > max(len(sensor_ids), 1) ** 2:
+            raise file_error(path, f"adjacency holds more entries than {len(sensor_ids)} x {len(sensor_ids)} "
+                             "(one per pair of the listed sensor ids)")
+    elif isinstance(adj, np.ndarray) and adj.ndim >= 1:
+        _check_graph_size(path, int(adj.shape[0]), "adjacency")
     try:
         adj = np.asarray(adj, dtype=np.float32)
     except (TypeError, ValueError):
@@ -131,6 +177,11 @@ def _check_adjacency(path: str, adj: np.ndarray, ids: list[str]) -> None:
         raise file_error(path, "adjacency holds NaN or infinite weights")
     if (adj < 0).any():
         raise file_error(path, "adjacency holds negative weights")
+
+
+def off_diagonal_edges(adj: np.ndarray) -> int:
+    """How many edges of ``adj`` join two different sensors (self-loops do not count)."""
+    return int(np.count_nonzero(adj)) - int(np.count_nonzero(np.diagonal(adj)))
 
 
 def gaussian_kernel_adjacency(distances: np.ndarray, normalized_k: float = 0.1) -> np.ndarray:
@@ -201,6 +252,7 @@ def read_distances_csv(path: str | os.PathLike, sensor_ids: list[str] | None = N
     pairs = [(index[s], index[d], value) for s, d, value in
              zip(np.asarray(src)[keep], np.asarray(dst)[keep], dist.to_numpy()[keep]) if s in index and d in index]
     n = len(sensor_ids)
+    _check_graph_size(path, n, "graph CSV")
     linked = {i for i, j, _ in pairs if i != j} | {j for i, j, _ in pairs if i != j}
     if not linked:
         listed = next(iter(src), None)
@@ -212,7 +264,14 @@ def read_distances_csv(path: str | os.PathLike, sensor_ids: list[str] | None = N
         dense = np.full((n, n), np.inf, dtype=np.float64)
         for i, j, value in pairs:
             dense[i, j] = value
-        return SensorGraph(list(sensor_ids), gaussian_kernel_adjacency(dense, normalized_k))
+        adj = gaussian_kernel_adjacency(dense, normalized_k)
+        if n > 1 and not off_diagonal_edges(adj):
+            finite = dense[np.isfinite(dense)]
+            why = (f"all {finite.size} distances are equal ({finite[0]:g}), so their spread is 0"
+                   if finite.size and finite.std() == 0 else f"every weight is below normalized_k={normalized_k:g}")
+            raise file_error(path, f"no edge is left after DCRNN's Gaussian kernel of the distances ({why}); "
+                             "use --adj-weights binary or given")
+        return SensorGraph(list(sensor_ids), adj)
     adj = np.zeros((n, n), dtype=np.float32)
     for i, j, value in pairs:
         if weights == "binary":
@@ -220,6 +279,14 @@ def read_distances_csv(path: str | os.PathLike, sensor_ids: list[str] | None = N
         else:
             adj[i, j] = value
     return SensorGraph(list(sensor_ids), adj)
+
+
+def _npy_shape(fh) -> tuple[int, ...]:
+    """The shape a ``.npy`` stream's header states (nothing else is read)."""
+    fmt = np.lib.format
+    version = fmt.read_magic(fh)
+    header = fmt.read_array_header_1_0(fh) if version == (1, 0) else fmt.read_array_header_2_0(fh)
+    return tuple(int(v) for v in header[0])
 
 
 def read_adjacency_array(path: str | os.PathLike, sensor_ids: list[str] | None = None,
@@ -232,17 +299,23 @@ def read_adjacency_array(path: str | os.PathLike, sensor_ids: list[str] | None =
     path = os.fspath(path)
     try:
         if path.lower().endswith(".npy"):
+            with open(path, "rb") as fh:  # the header's shape, before the array is allocated
+                _check_graph_size(path, max(_npy_shape(fh), default=0))
             adj = np.load(path, allow_pickle=False)
         else:
             with np.load(path, allow_pickle=False) as npz:
                 names = list(npz.files)
             if {"data", "indices", "indptr", "shape", "format"} <= set(names) or {"row", "col", "shape"} <= set(names):
-                adj = sp.load_npz(path).toarray()
+                matrix = sp.load_npz(path)
+                _check_graph_size(path, max(matrix.shape, default=0))
+                adj = matrix.toarray()
             else:
                 name = key if key in names else (names[0] if len(names) == 1 else "adj" if "adj" in names else None)
                 if name is None:
                     raise file_error(path, f"holds {', '.join(names)}; which one is the adjacency?")
                 with np.load(path, allow_pickle=False) as npz:
+                    with npz.zip.open(name + ".npy") as fh:
+                        _check_graph_size(path, max(_npy_shape(fh), default=0))
                     adj = npz[name]
     except GWNetError:
         raise
@@ -274,6 +347,7 @@ def graph_from_edge_index(edge_index, edge_weight=None, sensor_ids: list[str] | 
         n = int(edges.max()) + 1 if edges.size else 0
     if edges.size and (edges.min() < 0 or edges.max() >= n):
         raise GWNetError(f"edge_index refers to node {int(edges.max())}, but the graph has {n} nodes")
+    _check_graph_size("edge_index", n, "graph")
     if edge_weight is None:
         weight = np.ones(edges.shape[1], dtype=np.float32)
     else:
@@ -322,9 +396,14 @@ def align_graph(graph: SensorGraph, sensor_ids: list[str], source: str = "graph"
     """Reorder ``graph`` to the data's column order, matching by sensor id.
 
     Every data sensor must be in the graph; graph sensors without data are dropped with a
-    warning (a data file may hold a subset of a published graph).
+    warning (a data file may hold a subset of a published graph). Two or more sensors must
+    share at least one edge between different sensors.
     """
     aligned = graph.subgraph(sensor_ids, source)
+    if aligned.num_nodes > 1 and not off_diagonal_edges(aligned.adj):
+        raise file_error(source, f"the graph has no edge between any two of the data's {aligned.num_nodes} "
+                         "sensors (only self-loops, or nothing): the graph convolution would see nothing; "
+                         "check the graph file and its weights")
     dropped = graph.num_nodes - aligned.num_nodes
     if dropped:
         warnings.warn(f"{source}: {dropped} graph sensor(s) have no data column and are dropped",

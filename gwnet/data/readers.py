@@ -27,6 +27,11 @@ from ..registry import READERS
 STEP = pd.Timedelta(minutes=5)  # METR-LA's and PEMS0X's step, the default of files without timestamps
 HDF5_EXTS = (".h5", ".hdf5", ".hdf")
 DAY_MINUTES = 1440
+DATETIME_UNITS = ("ns", "us", "ms", "s", "m", "h", "D")
+# Filling gaps in the timestamps may grow a table at most this many times (and to at most
+# MAX_FILLED_BYTES): a mistyped year (2012 -> 2021) is an error, not nine years of missing rows.
+MAX_FILL_FACTOR = 10
+MAX_FILLED_BYTES = 2 * 2**30
 # PEMS0X's feature order (PEMS04/08 carry three, PEMS03/07 flow only).
 PEMS_FEATURES = ("flow", "occupancy", "speed")
 
@@ -90,23 +95,50 @@ def _read_fixed_frame(path: str, group, dtype) -> pd.DataFrame:
         if not index_kind.startswith("datetime64"):
             raise file_error(path, f"index is {index_kind or 'unknown'}, not timestamps")
         unit = index_kind[len("datetime64["):-1] if "[" in index_kind else "ns"
+        if unit not in DATETIME_UNITS:
+            raise file_error(path, f"index has an unknown datetime unit {unit!r} (expected one of "
+                             f"{', '.join(DATETIME_UNITS)})")
+        if stamps.ndim != 1 or stamps.dtype.kind not in "iu":
+            raise file_error(path, f"index axis1 holds {stamps.dtype} {stamps.shape}, not integer timestamps")
         index = pd.to_datetime(stamps[()].astype(np.int64), unit=unit)
         tz = stamps.attrs.get("tz")
         if tz is not None:
-            index = index.tz_localize("UTC").tz_convert(_text(tz))
+            try:
+                index = index.tz_localize("UTC").tz_convert(_text(tz))
+            except Exception:
+                raise file_error(path, f"index has an unknown time zone {_text(tz)!r}") from None
         values = np.zeros((len(index), len(columns)), dtype=dtype)
         position = {c: i for i, c in enumerate(columns)}
+        filled: dict[str, int] = {}
         for b in range(int(group.attrs.get("nblocks", 1))):
             items = _labels(group[f"block{b}_items"])
             block = group[f"block{b}_values"]
             if block.dtype.kind not in "fiu":
                 raise file_error(path, f"columns {', '.join(items[:3])} are not numeric ({block.dtype})")
+            for item in items:
+                if item not in position:
+                    raise file_error(path, f"block {b} holds column {item!r}, which axis0 does not list")
+                if item in filled:
+                    where = "twice in block" if filled[item] == b else f"in blocks {filled[item]} and"
+                    raise file_error(path, f"column {item!r} is stored {where} {b} (duplicate block items)")
+                filled[item] = b
+            expected = (len(items), len(index)) if not int(block.attrs.get("transposed", 0)) else \
+                (len(index), len(items))
+            if block.ndim != 2 or tuple(block.shape) != expected:
+                raise file_error(path, f"block {b} values have shape {tuple(block.shape)}, but the frame has "
+                                 f"{len(index)} timestamps (axis1) and the block {len(items)} columns")
             data = block[()]
             if not int(block.attrs.get("transposed", 0)):
                 data = data.T
             values[:, [position[i] for i in items]] = data
+        unfilled = [c for c in columns if c not in filled]
+        if unfilled:
+            raise file_error(path, f"column {unfilled[0]!r} is in no block of the frame "
+                             f"({len(unfilled)} column(s) without values)")
     except KeyError as exc:
         raise file_error(path, f"incomplete pandas frame ({exc})") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise file_error(path, f"malformed pandas frame ({' '.join(str(exc).split())[:160]})") from None
     return pd.DataFrame(values, index=index, columns=columns)
 
 
@@ -280,6 +312,9 @@ def check_speeds(frame: pd.DataFrame, source: str = "data", dtype=np.float32) ->
     if len(set(columns)) != len(columns):
         dup = pd.Index(columns)[pd.Index(columns).duplicated()][0]
         raise file_error(source, f"duplicate sensor id {dup!r}")
+    flags = [c for c, t in zip(columns, frame.dtypes) if pd.api.types.is_bool_dtype(t)]
+    if flags:
+        raise file_error(source, f"sensor column {flags[0]!r} holds true/false values, not readings")
     bad = [c for c, t in zip(columns, frame.dtypes) if not pd.api.types.is_numeric_dtype(t)]
     if bad:
         raise file_error(source, f"sensor column {bad[0]!r} is not numeric")
@@ -287,7 +322,13 @@ def check_speeds(frame: pd.DataFrame, source: str = "data", dtype=np.float32) ->
     if not isinstance(index, pd.DatetimeIndex):
         raise file_error(source, "index must hold timestamps")
     if index.tz is not None:
-        index = index.tz_convert(None)
+        # The wall-clock time of the stated zone, so that time of day is local (rush hours
+        # stay at the same hours); a repeated hour of a daylight-saving change is an error.
+        zone = index.tz
+        index = index.tz_localize(None)
+        if index.has_duplicates:
+            raise file_error(source, f"timestamps in {zone} repeat the local time {index[index.duplicated()][0]} "
+                             "(a daylight-saving change); store them in a fixed-offset zone or in UTC")
     if index.has_duplicates:
         raise file_error(source, f"duplicate timestamp {index[index.duplicated()][0]}")
     if not index.is_monotonic_increasing:
@@ -305,6 +346,13 @@ def check_speeds(frame: pd.DataFrame, source: str = "data", dtype=np.float32) ->
         step = infer_step(index, source)
         steps = np.diff(index.as_unit("ns").asi8)
         if (steps != step.value).any():
+            rows = (index[-1] - index[0]) // step + 1
+            nbytes = rows * len(columns) * np.dtype(dtype).itemsize
+            if rows > MAX_FILL_FACTOR * len(index) or nbytes > MAX_FILLED_BYTES:
+                big = int(np.argmax(steps))
+                raise file_error(source, f"filling the gaps in the timestamps would grow the table from "
+                                 f"{len(index):,} to {rows:,} rows ({nbytes / 2**30:.1f} GiB); the biggest gap is "
+                                 f"{index[big]} -> {index[big + 1]} (a mistyped date?)")
             full = pd.date_range(index[0], index[-1], freq=step)
             minutes = step // pd.Timedelta(minutes=1)
             warnings.warn(f"{source}: {len(full) - len(index)} missing {minutes}-minute steps filled as missing "

@@ -182,6 +182,14 @@ LAYOUTS = ("metr-la", "pems", "largest")
 TARGETS = ("speed", "flow", "occupancy")
 
 
+def layout_files(layout: str, name: str | None = None) -> tuple[str, ...]:
+    """The file names :func:`write` writes for ``layout`` (and file stem ``name``)."""
+    name = name or "synthetic"
+    return {"metr-la": ("distances.csv", "locations.csv", "adj_mx.pkl", "speeds.h5"),
+            "pems": (f"{name}.csv", f"{name}.npz"),
+            "largest": (f"{name}_meta.csv", f"{name}_rn_adj.npy", f"{name}_his_2019.h5")}[layout]
+
+
 def write(out_dir: str | os.PathLike, nodes: int = 40, days: int = 14, seed: int = 0,
           layout: str = "metr-la", step: int | None = None, target: str | None = None,
           name: str | None = None) -> dict[str, Path]:
@@ -203,6 +211,7 @@ def write(out_dir: str | os.PathLike, nodes: int = 40, days: int = 14, seed: int
     Returns the written paths by role (``speeds`` is the readings file, ``adj`` the graph).
     Each file appears complete or not at all, and the readings file is written last.
     """
+    nodes, days, seed = _check_arguments(nodes, days, seed)  # before anything touches the disk
     if layout not in LAYOUTS:
         raise GWNetError(f"synthetic data: unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     target = target or ("flow" if layout == "largest" else "speed")
@@ -216,7 +225,6 @@ def write(out_dir: str | os.PathLike, nodes: int = 40, days: int = 14, seed: int
         raise GWNetError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
     name = name or "synthetic"
     if layout == "largest":
-        nodes, days, seed = _check_arguments(nodes, days, seed)
         return _write_largest(out, nodes, days, seed, step, target, name)
     data = generate(nodes, days, seed).resampled(step)
     ids = data.graph.sensor_ids
@@ -279,12 +287,12 @@ def _write_largest(out: Path, nodes: int, days: int, seed: int, step: int, targe
                          "Direction": "N"})
     paths = {"meta": _atomic_write(out / f"{name}_meta.csv", lambda p: meta.to_csv(p, index=False))}
 
-    def dump_npy(path: Path) -> None:
+    def dump_npy(path: Path, adjacency: np.ndarray = adjacency) -> None:
         with open(path, "wb") as fh:
             np.save(fh, adjacency)
 
     paths["adj"] = _atomic_write(out / f"{name}_rn_adj.npy", dump_npy)
-    del adjacency
+    del adjacency, dump_npy  # N x N: not kept while the weeks are simulated
     k = step // 5
     start = pd.Timestamp("2019-01-01")
     index = pd.date_range(start, periods=days * STEPS_PER_DAY // k, freq=f"{step}min", unit="ns")

@@ -145,6 +145,21 @@ def split_ranges(num_steps: int, cfg: DataConfig, source: str = "data") -> dict[
     return ranges
 
 
+def _check_valid_targets(series: Series, ranges: dict[str, range], index: pd.DatetimeIndex,
+                         cfg: DataConfig, source: str) -> None:
+    """Every split must have some valid (non-zero) target reading: a split of missing readings
+    only would score a perfect 0.0 (or nothing at all) instead of failing."""
+    speeds = series.speeds
+    for name, r in ranges.items():
+        first = r.start + cfg.seq_len - 1 + cfg.first_offset
+        last = r.stop - 1 + cfg.seq_len - 1 + cfg.first_offset + cfg.horizon - 1
+        targets = speeds[first:last + 1]
+        if not bool((targets != 0).any()):
+            when = f"{index[first]} to {index[last]}" if len(index) > last else f"rows {first} to {last}"
+            raise file_error(source, f"the {name} split has no valid target reading (all are 0, i.e. missing, "
+                             f"from {when})")
+
+
 def make_splits(series: Series, index: pd.DatetimeIndex, cfg: DataConfig, source: str = "data",
                 scaler: StandardScaler | None = None) -> tuple[dict[str, Windows], StandardScaler]:
     """Cut ``series`` into train/val/test windows; fit the scaler on the training inputs unless
@@ -154,6 +169,7 @@ def make_splits(series: Series, index: pd.DatetimeIndex, cfg: DataConfig, source
     if empty:
         n = sum(len(r) for r in ranges.values())
         raise file_error(source, f"{n} windows are too few for a non-empty {'/'.join(empty)} split")
+    _check_valid_targets(series, ranges, index, cfg, source)
     if scaler is None:
         scaler = StandardScaler.fit_windows(series.speeds.numpy(), len(ranges["train"]), cfg.seq_len,
                                             cfg.fill_zeroes)

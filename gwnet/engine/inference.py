@@ -60,17 +60,59 @@ def load_trained(run_dir: str | Path,
     if not rd.root.is_dir():
         raise file_error(rd.root, "no such run directory")
     state = load_checkpoint(rd.best, map_location="cpu")  # the supports are built with scipy
-    cfg = Config.from_dict(state["config"], source=str(rd.best))
-    scaler = StandardScaler(**state["scaler"])
+    _check_trained_payload(rd.best, state)
+    try:
+        cfg = Config.from_dict(state["config"], source=str(rd.best))
+    except GWNetError:
+        raise
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise file_error(rd.best, f"checkpoint config is malformed ({' '.join(str(exc).split())[:160]})") from None
+    try:
+        scaler = StandardScaler(**state["scaler"])
+    except TypeError as exc:
+        raise file_error(rd.best, f"scaler is not a saved StandardScaler ({exc})") from None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (scaler.mean, scaler.std)):
+        raise file_error(rd.best, f"scaler mean and std must be numbers, got {scaler.mean!r} and {scaler.std!r}")
     sensor_ids = list(state["sensor_ids"])
     supports = build_supports(state["adjacency"].numpy(), cfg.data.adjtype)
-    model = build_model_from_config(cfg, supports)
+    try:
+        model = build_model_from_config(cfg, supports)
+    except GWNetError as exc:
+        raise file_error(rd.best, f"cannot rebuild its model: {exc}") from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
         reason = " ".join(str(exc).split())[:200]
         raise file_error(rd.best, f"weights do not fit the {cfg.arch} model its config describes: {reason}") from None
     return model.to(device).eval(), cfg, scaler, sensor_ids
+
+
+# What load_trained needs of best.pt, and the type each entry must have.
+TRAINED_KEYS = {"config": dict, "model": dict, "scaler": dict, "sensor_ids": (list, tuple),
+                "adjacency": torch.Tensor}
+
+
+def _check_trained_payload(path: Path, state: dict) -> None:
+    """One line naming ``path`` for a missing or ill-typed entry of a trained run's checkpoint."""
+    missing = [k for k in TRAINED_KEYS if k not in state]
+    if missing:
+        raise file_error(path, f"checkpoint lacks {', '.join(missing)} (not the best.pt of a gwnet run?)")
+    wanted = {"config": "a table", "model": "a state_dict", "scaler": "a table", "sensor_ids": "a list",
+              "adjacency": "a tensor"}
+    for key, kind in TRAINED_KEYS.items():
+        if not isinstance(state[key], kind):
+            raise file_error(path, f"checkpoint entry {key!r} is a {type(state[key]).__name__}, not {wanted[key]}")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
+        raise file_error(path, "checkpoint entry 'model' is not a state_dict (names to tensors)")
+    ids = state["sensor_ids"]
+    if not all(isinstance(s, str) for s in ids) or len(set(ids)) != len(ids):
+        raise file_error(path, "checkpoint entry 'sensor_ids' must be distinct strings")
+    adj = state["adjacency"]
+    if adj.dim() != 2 or tuple(adj.shape) != (len(ids), len(ids)) or not adj.is_floating_point():
+        raise file_error(path, f"checkpoint adjacency has shape {tuple(adj.shape)} ({adj.dtype}), expected "
+                         f"{len(ids)} x {len(ids)} floats (one row per sensor id)")
+    if not bool(torch.isfinite(adj).all()):
+        raise file_error(path, "checkpoint adjacency holds NaN or infinite weights")
 
 
 def evaluate(run_dir: str | Path, data: DataConfig | TrafficData | None = None, split: str = "test",

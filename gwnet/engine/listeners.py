@@ -16,6 +16,7 @@ passed to the Trainer directly (``Trainer(cfg, listeners=[...])``).
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Protocol
 
 import pandas as pd
@@ -74,6 +75,13 @@ class MetricsCSV(EpochListener):
 
     def on_epoch_end(self, trainer: Trainer, record: Record, improved: bool) -> None:
         self._write(trainer)
+
+
+def announce(message: str) -> None:
+    """A line about what training does (stages, resuming, early stopping) on standard error,
+    through tqdm so that a progress bar stays intact. Callers decide whether to speak: the
+    trainer does on the main process with ``train.progress`` only."""
+    tqdm.write(message, file=sys.stderr)
 
 
 @LOGGERS.register("console")

@@ -44,7 +44,8 @@ class MetricAccumulator:
                                   (err.abs() / safe.abs()).sum(dims), mask.sum(dims).double()])
 
     def per_horizon(self) -> pd.DataFrame:
-        """One row per horizon (1..H): mae, rmse, mape (mape as a fraction)."""
+        """One row per horizon (1..H): mae, rmse, mape (mape as a fraction); NaN for a horizon
+        without a valid reading."""
         abs_err, sq_err, pct_err, count = self.sums
         n = count.clamp(min=1)
         frame = pd.DataFrame({"mae": (abs_err / n).numpy(), "rmse": (sq_err / n).sqrt().numpy(),
@@ -62,7 +63,9 @@ class MetricAccumulator:
         return frame
 
     def overall(self) -> dict[str, float]:
-        """Metrics pooled over every horizon and reading."""
+        """Metrics pooled over every horizon and reading; NaN when no reading was valid."""
         abs_err, sq_err, pct_err, count = self.sums.sum(dim=1)
-        n = max(float(count), 1.0)
+        if float(count) == 0:  # nothing valid was seen: no score, not a perfect 0.0
+            return {name: float("nan") for name in METRICS}
+        n = float(count)
         return {"mae": float(abs_err) / n, "rmse": math.sqrt(float(sq_err) / n), "mape": float(pct_err) / n}

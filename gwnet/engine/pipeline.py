@@ -18,6 +18,7 @@ from ..config import Config
 from ..data import TrafficData
 from ..errors import GWNetError, file_error
 from .checkpoint import RunDir, RunLock, load_checkpoint
+from .listeners import announce
 from .trainer import RunResult, Trainer
 
 
@@ -49,6 +50,18 @@ def _on_main_process(cfg: Config, step: Callable[[], None]) -> None:
     error = current_world().from_main(attempt)
     if error is not None:
         raise GWNetError(error)
+
+
+def _say(cfg: Config, message: str) -> None:
+    """A stage header on the main process, with ``train.progress``."""
+    if not cfg.train.progress:
+        return
+    if cfg.train.fsdp:
+        from ..scale.world import is_main_process
+
+        if not is_main_process():
+            return
+    announce(message)
 
 
 def run_finished(run_dir: str | Path) -> bool:
@@ -107,9 +120,13 @@ def train(cfg: Config, data: TrafficData | None = None, resume: bool = False, **
     try:
         # Once the finetuning stage has a checkpoint, pretraining is over and no longer needed.
         if not run.last.exists():
+            _say(cfg, f"stage 1/2: pretraining horizons 1-{k} into {pre.out}")
             _run_stage(pre, None if data is None else _with_horizon(data, k), **kw)
+        else:
+            _say(cfg, f"stage 1/2: pretraining horizons 1-{k} done ({pre.out})")
         fine = copy.deepcopy(cfg)
         fine.train.init_from = pre.out
+        _say(cfg, f"stage 2/2: finetuning horizons 1-{cfg.data.horizon} from {pre.out} into {cfg.out}")
         return _run_stage(fine, data, **kw)
     finally:
         lock.release()

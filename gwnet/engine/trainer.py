@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -37,8 +38,8 @@ from ..nn import load_for_more_horizons
 from .checkpoint import RunDir, RunLock, load_checkpoint, save_checkpoint
 from .device import autocast, resolve_device
 from .inference import split_metrics
-from .listeners import EpochListener, make_listeners
-from .metrics import MetricAccumulator, masked_mae
+from .listeners import EpochListener, announce, make_listeners
+from .metrics import MetricAccumulator, masked_mae, valid_mask
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 # Model options that may differ between a pretrained run and the run initialised from it.
@@ -53,8 +54,9 @@ def stamp_data_options(cfg: Config, data: TrafficData) -> None:
             setattr(cfg.data, f.name, getattr(data.config, f.name))
     if cfg.train.clamp_max is None:
         cfg.train.clamp_max = data.clamp_max
+    clamp = cfg.train.clamp_max if cfg.train.clamp_max is not None and math.isfinite(cfg.train.clamp_max) else None
     cfg.data.protocol = data.protocol.describe(cfg.data.train_ratio, cfg.data.test_ratio, cfg.data.target,
-                                               cfg.data.unit, cfg.data.step_minutes, cfg.train.clamp_max,
+                                               cfg.data.unit, cfg.data.step_minutes, clamp,
                                                cfg.data.seq_len, cfg.data.horizon)
 
 
@@ -284,7 +286,8 @@ class Trainer:
             grads = list(p.partial["grads"])
         else:
             order, start, sums = torch.randperm(len(windows), generator=self.generator), 0, None
-            grads = [0.0, 0.0, 0]  # sum, max, count of gradient norms (before clipping)
+            grads = [0.0, 0.0, 0, 0]  # sum, max, count of gradient norms (before clipping); empty batches
+        grads += [0] * (4 - len(grads))  # an interrupted epoch of a gwnet that did not count empty batches
         # A last batch too small to give every process a window is left out.
         batches = [b for b in order.split(t.batch_size) if len(b) >= self.world_size]
         if t.batches_per_epoch is not None:
@@ -300,6 +303,14 @@ class Trainer:
         for b in range(start, len(batches)):
             x, y = windows.batch(self._share(batches[b]))
             y = y.to(self.device)
+            if not self._has_targets(y):
+                # Every target missing: no loss to learn from, so no step (Adam would still move
+                # the weights by its momentum and weight decay). Counted in the epoch's record.
+                grads[3] += 1
+                bar.update()
+                if self._stop_requested():
+                    self._interrupt(epoch, order, b, acc, grads, bar)
+                continue
             pred = self._forward(x)
             loss, objective = self._global_loss(self.loss_fn(pred, y, t.null_value), y)
             self.optimizer.zero_grad(set_to_none=True)
@@ -324,15 +335,39 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             bar.update()
             if self._stop_requested():
-                p.partial = {"order": order, "next_batch": b + 1, "sums": acc.sums, "grads": grads}
-                p.epoch = epoch - 1
-                bar.close()
-                self._save_last()
-                raise Interrupted(f"stopped by signal {self._stop_signal}; resume with "
-                                  f"gwnet-train --resume {self.run.root}")
+                self._interrupt(epoch, order, b, acc, grads, bar)
         bar.close()
         p.partial = None
-        return {**acc.overall(), "grad_norm": grads[0] / max(grads[2], 1), "grad_norm_max": grads[1]}
+        if grads[3]:
+            warnings.warn(f"epoch {epoch}: {grads[3]} of {len(batches)} training batches had no valid "
+                          "target reading and were skipped")
+        return {**acc.overall(), "grad_norm": grads[0] / max(grads[2], 1), "grad_norm_max": grads[1],
+                "empty_batches": grads[3]}
+
+    def _interrupt(self, epoch: int, order: torch.Tensor, b: int, acc: MetricAccumulator, grads: list,
+                   bar) -> None:
+        """Save the exact position after batch ``b`` of ``epoch`` and stop (a signal asked)."""
+        p = self.progress
+        p.partial = {"order": order, "next_batch": b + 1, "sums": acc.sums, "grads": grads}
+        p.epoch = epoch - 1
+        bar.close()
+        self._save_last()
+        raise Interrupted(f"stopped by signal {self._stop_signal}; resume with "
+                          f"gwnet-train --resume {self.run.root}")
+
+    def _has_targets(self, y: torch.Tensor) -> bool:
+        """Whether the batch (all processes' shares of it) has at least one valid target."""
+        count = valid_mask(y, self.cfg.train.null_value).sum()
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(count)
+        return bool(count > 0)
+
+    def _say(self, message: str) -> None:
+        """A line about what the run does, on the main process with ``train.progress``."""
+        if self.is_main and self.cfg.train.progress:
+            announce(message)
 
     def evaluate(self, split: str = "val") -> MetricAccumulator:
         """Clamped, masked metrics of the current model on a split."""
@@ -355,6 +390,17 @@ class Trainer:
         t, p = self.cfg.train, self.progress
         # A run killed after its last epoch but before its test metrics only needs _finish().
         epochs = range(p.epoch + 1, t.epochs + 1) if not p.finished else range(0)
+        if p.finished:
+            self._say(f"{self.run.root}: training had finished; computing the test metrics")
+        elif p.epoch or p.partial is not None:
+            where = f", batch {p.partial['next_batch'] + 1}" if p.partial is not None else ""
+            self._say(f"resuming at epoch {p.epoch + 1}{where} of {t.epochs} ({self.run.root})")
+        if not p.finished and not _bar_shown():
+            windows = self.data.windows["train"]
+            per_epoch = len([b for b in torch.arange(len(windows)).split(t.batch_size) if len(b) >= self.world_size])
+            capped = min(per_epoch, t.batches_per_epoch) if t.batches_per_epoch is not None else per_epoch
+            self._say(f"training {len(windows)} windows, {capped} batches of {t.batch_size} per epoch, "
+                      f"up to {t.epochs} epochs (early stop after {t.patience} without improvement)")
         with self._catch_signals():
             for epoch in epochs:
                 started = time.perf_counter()
@@ -372,7 +418,7 @@ class Trainer:
                 else:
                     p.bad_epochs += 1
                 seconds = time.perf_counter() - started
-                record = {"epoch": epoch, **{(k if k.startswith("grad") else f"train_{k}"): v
+                record = {"epoch": epoch, **{(k if k.startswith(("grad", "empty")) else f"train_{k}"): v
                                              for k, v in train.items()},
                           **{f"val_{k}": v for k, v in val.items()}, "lr": lr, "seconds": seconds}
                 p.history.append(record)
@@ -380,6 +426,9 @@ class Trainer:
                 self._save_last()
                 for listener in self.listeners:
                     listener.on_epoch_end(self, dict(record), improved)
+                if p.finished and epoch < t.epochs:
+                    self._say(f"early stop: {p.bad_epochs} epochs without improvement (best epoch "
+                              f"{p.best_epoch}, validation MAE {p.best_val_mae:.4f})")
                 if p.finished:
                     break
             if not p.finished:  # resumed a run whose last epoch was already done
@@ -396,6 +445,11 @@ class Trainer:
                 table.to_csv(tmp)
         return RunResult(self.run.root, self.progress.best_epoch, self.progress.best_val_mae, table,
                          pd.DataFrame(self.progress.history))
+
+
+def _bar_shown() -> bool:
+    """Whether tqdm draws the progress bar (it does on terminals only)."""
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:

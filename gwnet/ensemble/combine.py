@@ -96,6 +96,18 @@ class Ensemble:
         self.fitted = True
         return self
 
+    def fit_without_validation(self, source: str = "the data") -> "Ensemble":
+        """Set the weights where no validation windows are needed to choose them: a single
+        member under ``per-horizon`` is that member at every horizon. Any other case is a
+        :class:`GWNetError` saying what to do."""
+        if len(self.members) == 1 and self.strategy == "per-horizon":
+            self.weights = self.available.astype(np.float64)
+            self.fitted = True
+            return self
+        raise GWNetError(f"{source}: no validation split to fit the {self.strategy} ensemble on (the file "
+                         "holds only the last readings); use --strategy mean, or give the readings "
+                         "file with its history")
+
     # --- predicting -------------------------------------------------------------------------
     def combine(self, preds: Sequence[torch.Tensor]) -> torch.Tensor:
         """``(B, H, N)`` ensemble forecast from the members' ``(B, h_m, N)`` forecasts."""

@@ -3,6 +3,7 @@ data windowed for all of them."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -12,6 +13,9 @@ import torch
 
 from ..config import Config, DataConfig, TrainConfig, fields_with_role
 from ..data import TrafficData, load_data
+from ..data.datasets import load_latest
+from ..data.scaler import StandardScaler
+from ..engine.checkpoint import RunDir, load_checkpoint
 from ..engine.inference import forecast, load_trained
 from ..errors import GWNetError, file_error
 from ..nn import load_reference_checkpoint
@@ -60,11 +64,12 @@ def load_member(path: str | Path, device: str | torch.device = "cpu", name: str 
 
 
 def load_reference_member(path: str | Path, data: TrafficData, device: str | torch.device = "cpu",
-                          name: str | None = None) -> Member:
+                          name: str | None = None, fill_zeroes: bool | None = None) -> Member:
     """A reference implementation's state_dict as a member on ``data``'s sensor graph.
 
     Such a file holds weights only: the member scales with ``data``'s own fitted scaler and
-    evaluates with the default clamp range and missing-value marker.
+    evaluates with the default clamp range and missing-value marker. ``fill_zeroes`` (default:
+    the data's setting) says whether its missing inputs become the mean or stay 0.
     """
     try:
         model = load_reference_checkpoint(path, adj=data.graph.adj, adjtype=data.config.adjtype)
@@ -75,13 +80,21 @@ def load_reference_member(path: str | Path, data: TrafficData, device: str | tor
                          f"{data.config.in_dim} (time_of_day, day_of_week)")
     cfg = Config(data=copy.deepcopy(data.config), model=model.config, train=TrainConfig(clamp_max=data.clamp_max))
     cfg.data.horizon = model.config.out_dim
-    return Member(name or Path(path).name, model.to(device), cfg, data.scaler, Path(path))
+    if fill_zeroes is not None:
+        cfg.data.fill_zeroes = fill_zeroes
+    scaler = dataclasses.replace(data.scaler, fill_zeroes=cfg.data.fill_zeroes)
+    return Member(name or Path(path).name, model.to(device), cfg, scaler, Path(path))
 
 
-def load_members(paths: Sequence[str | Path], device: str | torch.device = "cpu",
-                  **source: str | None) -> tuple[list[Member], TrafficData]:
+def load_members(paths: Sequence[str | Path], device: str | torch.device = "cpu", latest: bool = False,
+                  fill_zeroes: bool | None = None, **source: str | None) -> tuple[list[Member], TrafficData]:
     """Members (run directories; files are reference checkpoints) and the data windowed for
-    them: see :func:`data_config` for which data and ``source`` for replacing it."""
+    them: see :func:`data_config` for which data and ``source`` for replacing it.
+
+    ``latest``: the data is only read to forecast after its last readings (it may hold just
+    those, at least ``seq_len`` steps); without ``adj`` the graph is the one in the first
+    run's ``best.pt``. Reference members still need the whole file (their scaler is fitted on
+    its training split). ``fill_zeroes`` applies to reference members (runs keep their own)."""
     resolved = [Path(p).resolve() for p in paths]
     for path, where in zip(paths, resolved):
         if resolved.count(where) > 1:
@@ -91,10 +104,16 @@ def load_members(paths: Sequence[str | Path], device: str | torch.device = "cpu"
     if members:
         check_compatible(list(members.values()))
     cfg = data_config(list(members.values()), **source)
-    data = load_ensemble_data(list(members.values()), cfg)
     references = [p for p in paths if Path(p).is_file()]
+    if fill_zeroes is not None and not members:
+        cfg.fill_zeroes = fill_zeroes  # only references: the data's scaler is theirs
+    if latest and members and not references:
+        # The graph is the one in best.pt unless --adj names another (not the saved path).
+        latest_cfg = dataclasses.replace(cfg, adj=source.get("adj"))
+        return [members[str(p)] for p in paths], load_latest_data(list(members.values()), latest_cfg)
+    data = load_ensemble_data(list(members.values()), cfg)
     for path in references:
-        members[str(path)] = load_reference_member(path, data, device, names[str(path)])
+        members[str(path)] = load_reference_member(path, data, device, names[str(path)], fill_zeroes)
     horizon = max(m.horizon for m in members.values())
     if horizon > cfg.horizon:
         # A reference forecasts further than the runs: window again, so every member sees the
@@ -102,8 +121,18 @@ def load_members(paths: Sequence[str | Path], device: str | torch.device = "cpu"
         cfg.horizon = horizon
         data = TrafficData.from_frames(data.speeds, data.graph, cfg, source=data.source, protocol=data.protocol)
         for path in references:
-            members[str(path)].scaler = data.scaler
+            member = members[str(path)]
+            member.scaler = dataclasses.replace(data.scaler, fill_zeroes=member.config.data.fill_zeroes)
     return [members[str(p)] for p in paths], data
+
+
+def load_latest_data(members: Sequence[Member], cfg: DataConfig) -> TrafficData:
+    """The readings of ``cfg`` for forecasting after their last step (see
+    :func:`gwnet.data.datasets.load_latest`): the sensors, step and graph of the first run."""
+    first = members[0]
+    state = load_checkpoint(RunDir(first.source).best, map_location="cpu")
+    adjacency = state["adjacency"].numpy()
+    return load_latest(cfg, list(state["sensor_ids"]), adjacency, first.scaler)
 
 
 def check_compatible(members: Sequence[Member]) -> None:

@@ -63,15 +63,17 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def plot_mae_by_horizon(metrics: pd.DataFrame, path: str | Path, lead_minutes: np.ndarray) -> Path:
-    """MAE per horizon: a thin line per member, a thick one for the ensemble."""
+def plot_mae_by_horizon(metrics: pd.DataFrame, path: str | Path, lead_minutes: np.ndarray,
+                        unit: str = "") -> Path:
+    """MAE per horizon: a thin line per member, a thick one for the ensemble; the y-axis says
+    the unit MAE is measured in."""
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
     for name, rows in metrics.groupby("model", sort=False):
         ours = name == ENSEMBLE
         ax.plot(lead_minutes[rows["horizon"].to_numpy() - 1], rows["mae"], marker="o",
                 lw=2.5 if ours else 1.2, color="black" if ours else None, label=name, zorder=3 if ours else 2)
-    ax.set(xlabel="minutes ahead", ylabel="MAE", title="MAE by horizon")
+    ax.set(xlabel="minutes ahead", ylabel=f"MAE ({unit})" if unit else "MAE", title="MAE by horizon")
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, Path(path))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +20,8 @@ from .plots import DAY, SensorTrace, plot_adaptive_adjacency, plot_mae_by_horizo
 from .tables import FORMATS, PredictionWriter, _pyarrow, metrics_frame, write_predictions
 
 SPLITS = ("test", "val", "all", "latest")
+# The most sensors one sensors.png shows (one panel each).
+MAX_PLOTTED_SENSORS = 12
 # Every file run() may write: an output directory holding anything else is never replaced.
 OUTPUT_FILES = (*(f"predictions.{fmt}" for fmt in FORMATS), "metrics.csv", "ensemble.csv", "ensemble.json",
                 "mae_by_horizon.png", "sensors.png", "adaptive_adjacency.png")
@@ -41,8 +44,16 @@ def quantity_label(data: TrafficData) -> str:
     return f"{c.target or 'speed'}" + (f" ({c.unit})" if c.unit else "")
 
 
+def unit_label(data: TrafficData) -> str:
+    """``mph``, or the target when the data names no unit: what MAE and RMSE are measured in."""
+    c = data.config
+    return c.unit or c.target or ""
+
+
 def split_windows(data: TrafficData, split: str) -> Windows:
     """The windows of ``split``; ``all`` spans train, validation and test."""
+    if not {"train", "test", split} <= {*data.windows, "all"}:
+        raise file_error(data.source, f"holds only the last readings, no {split} split; use --latest")
     if split == "all":
         first, last = data.windows["train"], data.windows["test"]
         windows = Windows(first.series, first.scaler, first.start, last.stop, first.seq_len,
@@ -55,7 +66,8 @@ def split_windows(data: TrafficData, split: str) -> Windows:
 
 
 def sensor_positions(data: TrafficData, sensors: Sequence[str] | None) -> list[int]:
-    """Column positions of ``sensors`` (default: the first three)."""
+    """Column positions of ``sensors`` (default: the first three), each once, at most
+    :data:`MAX_PLOTTED_SENSORS` of them (a warning says what was left out)."""
     ids = data.sensor_ids
     if not sensors:
         return list(range(min(3, len(ids))))
@@ -64,7 +76,15 @@ def sensor_positions(data: TrafficData, sensors: Sequence[str] | None) -> list[i
     if unknown:
         raise file_error(data.source, f"no sensor {unknown[0]!r} (it has {len(ids)} sensors, e.g. "
                          f"{', '.join(ids[:3])})")
-    return [where[s] for s in sensors]
+    unique = list(dict.fromkeys(sensors))
+    if len(unique) < len(sensors):
+        warnings.warn(f"--sensors names {len(sensors) - len(unique)} sensor(s) more than once; each is "
+                      "plotted once", stacklevel=2)
+    if len(unique) > MAX_PLOTTED_SENSORS:
+        warnings.warn(f"--sensors names {len(unique)} sensors; only the first {MAX_PLOTTED_SENSORS} are "
+                      "plotted", stacklevel=2)
+        unique = unique[:MAX_PLOTTED_SENSORS]
+    return [where[s] for s in unique]
 
 
 def run(ensemble: Ensemble, data: TrafficData, out: str | Path, split: str = "test", fmt: str = "csv",
@@ -101,7 +121,10 @@ def _write(ensemble: Ensemble, data: TrafficData, out: Path, split: str, fmt: st
     index = sensor_positions(data, sensors)
     windows = None if split == "latest" else split_windows(data, split)
     if not ensemble.fitted:
-        ensemble.fit(split_windows(data, "val"), batch_size, source=data.source)
+        if "val" in data.windows:
+            ensemble.fit(split_windows(data, "val"), batch_size, source=data.source)
+        else:  # only the last readings (--latest): nothing to fit on
+            ensemble.fit_without_validation(data.source)
     files = [path]
     if windows is None:
         rows, metrics, (history, traces) = _forecast_latest(ensemble, data, path, index)
@@ -116,7 +139,9 @@ def _write(ensemble: Ensemble, data: TrafficData, out: Path, split: str, fmt: st
     files += [out / "ensemble.csv", out / "ensemble.json"]
     if plots:
         if metrics is not None:
-            files.append(plot_mae_by_horizon(metrics, out / "mae_by_horizon.png", ensemble.lead_minutes))
+            shown = metrics if len(ensemble.members) > 1 else metrics[metrics["model"] != ENSEMBLE]
+            files.append(plot_mae_by_horizon(shown, out / "mae_by_horizon.png", ensemble.lead_minutes,
+                                             unit_label(data)))
         files.append(plot_sensors(history, traces, out / "sensors.png", quantity_label(data)))
         adjacency = plot_adaptive_adjacency(ensemble.members, data.sensor_ids, out / "adaptive_adjacency.png")
         if adjacency is not None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
+import scipy.sparse as sp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import GWNetConfig
+from ..data.supports import to_torch
 from ..errors import GWNetError
 from .adaptive import AdaptiveAdjacency
 from .graph_conv import DiffusionGraphConv, prepare_support
@@ -89,9 +91,10 @@ class GWNet(nn.Module):
 
     Args:
         config: the hyperparameters; ``config.num_supports`` counts the fixed supports.
-        supports: ``config.num_supports`` fixed :math:`N \times N` supports (dense or sparse,
-            row = source node). They are kept as non-persistent buffers: moved by ``.to()``,
-            never saved in the state_dict.
+        supports: ``config.num_supports`` fixed :math:`N \times N` supports (dense or sparse
+            tensors, or the scipy matrices of ``TrafficData.supports()``; row = source node).
+            They are kept as non-persistent buffers: moved by ``.to()``, never saved in the
+            state_dict.
 
     Shapes:
         input :math:`(B, L, N, F)` (batch, steps, nodes, features); output
@@ -101,7 +104,9 @@ class GWNet(nn.Module):
     def __init__(self, config: GWNetConfig, supports: Optional[Sequence[Tensor]] = None) -> None:
         super().__init__()
         self.config = c = dataclasses.replace(config)
-        supports = list(supports or [])
+        # The scipy matrices gwnet.data gives (TrafficData.supports()) are taken as they are.
+        supports = [to_torch([s], dense=c.graph_conv == "dense")[0] if sp.issparse(s) else s
+                    for s in (supports if supports is not None else [])]
         if len(supports) != c.num_supports:
             raise GWNetError(f"the model expects {c.num_supports} fixed supports "
                              f"(num_supports), got {len(supports)}")

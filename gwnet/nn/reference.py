@@ -10,6 +10,7 @@ norm); those are recognised and dropped, anything else unexpected is an error.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from typing import Any, Optional, Sequence, Union
@@ -63,6 +64,8 @@ def load_reference_checkpoint(path: Union[str, os.PathLike],
     supports = None if supports is None else list(supports)
 
     config = _infer_config(state, path, supports, config_overrides)
+    if supports is None and not config.do_graph_conv:
+        config = dataclasses.replace(config, num_supports=0)  # no graph convolution: no graph needed
     if supports is None:
         if config.num_supports:
             raise file_error(path, f"needs its {config.num_supports} fixed supports: "
@@ -111,6 +114,7 @@ def _read_state_dict(path: str) -> dict[str, Tensor]:
     missing = [k for k in needed if k not in state]
     if missing:
         raise file_error(path, f"not a Graph WaveNet state_dict (no {', '.join(missing)})")
+    _check_ranks(state, path)
     return state
 
 
@@ -130,6 +134,9 @@ def _infer_config(state: dict[str, Tensor], path: str, supports: Optional[list[T
         apt_size = GWNetConfig.apt_size
 
     gc = next((v for k, v in state.items() if _GRAPH_CONV.fullmatch(k) and k.endswith("weight")), None)
+    do_graph_conv = gc is not None
+    if do_graph_conv and "graph_convs.0.final_conv.weight" in state:
+        do_graph_conv = _improved_uses_graph_conv(state, depth, path, overrides)
     aptonly = overrides.get("aptonly", False)
     order = overrides.get("order", 2)
     num_fixed = 0 if supports is None else len(supports)
@@ -153,12 +160,71 @@ def _infer_config(state: dict[str, Tensor], path: str, supports: Optional[list[T
         num_supports=num_fixed, residual_channels=res, dilation_channels=dil,
         skip_channels=state["skip_convs.0.weight"].shape[0],
         end_channels=state["end_conv_1.weight"].shape[0], blocks=depth // layers,
-        layers=layers, kernel_size=kernel, order=order, do_graph_conv=gc is not None,
+        layers=layers, kernel_size=kernel, order=order, do_graph_conv=do_graph_conv,
         addaptadj=addapt, apt_size=apt_size, cat_feat_gc=cat)
     try:
         return dataclasses.replace(GWNetConfig(**inferred), **overrides)
     except TypeError as exc:
         raise GWNetError(f"unknown model option in overrides ({exc})") from None
+
+
+def _at_default_init(weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether a convolution's parameters are within PyTorch's default initialisation bounds,
+    ``|w|, |b| <= 1 / sqrt(fan_in)``: where a module the forward pass never used stays, since
+    without a gradient no optimiser step (nor weight decay) touches it."""
+    bound = (1 + 1e-5) / math.sqrt(max(weight[0].numel(), 1))
+    return bool(weight.abs().max() <= bound) and (bias is None or bias.numel() == 0 or
+                                                    bool(bias.abs().max() <= bound))
+
+
+def _improved_uses_graph_conv(state: dict[str, Tensor], depth: int, path: str,
+                              overrides: dict[str, Any]) -> bool:
+    """Whether an improved-format state_dict was trained with ``--do_graph_conv``.
+
+    That reference builds ``graph_convs`` and ``residual_convs`` for every layer whatever the
+    option, and its forward pass uses one of them (the graph convolution when on, the 1x1
+    residual convolution when off); the other keeps its initial weights. So the file tells
+    which by which set of layers left the initialisation bounds; when both or neither did,
+    ``do_graph_conv=`` must say it.
+    """
+    if "do_graph_conv" in overrides:
+        return bool(overrides["do_graph_conv"])
+    layers = [i for i in range(depth - 1)  # the last layer uses neither
+              if f"graph_convs.{i}.final_conv.weight" in state and f"residual_convs.{i}.weight" in state]
+    if not layers:
+        return True  # no residual convolutions saved: only the graph convolution can be used
+    graph = any(not _at_default_init(state[f"graph_convs.{i}.final_conv.weight"],
+                                     state.get(f"graph_convs.{i}.final_conv.bias")) for i in layers)
+    residual = any(not _at_default_init(state[f"residual_convs.{i}.weight"],
+                                        state.get(f"residual_convs.{i}.bias")) for i in layers)
+    if graph != residual:
+        return graph
+    seen = "both trained" if graph else "both at their initial weights"
+    raise file_error(path, f"cannot tell whether it was trained with --do_graph_conv (its graph_convs and "
+                     f"residual_convs are {seen}); pass do_graph_conv=True or do_graph_conv=False")
+
+
+def _check_ranks(state: dict[str, Tensor], path: str) -> None:
+    """Every tensor has the rank its module gives it: 4-D convolution weights, 2-D node
+    embeddings, 1-D biases and batch-norm vectors (a count is 0-D)."""
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            expected = (0, 1)
+        elif key.startswith("nodevec"):
+            expected = (2,)
+        elif _PER_LAYER.fullmatch(key) and key.startswith("bn."):
+            expected = (1,)
+        elif key.endswith(".weight"):
+            expected = (4,)
+        elif key.endswith(".bias"):
+            expected = (1,)
+        else:
+            continue  # an unknown key is reported as such later
+        if value.dim() not in expected:
+            raise file_error(path, f"{key} is a {value.dim()}-D tensor of shape {tuple(value.shape)}, expected "
+                             f"{' or '.join(f'{d}-D' for d in expected)}")
+        if value.dim() and 0 in value.shape:
+            raise file_error(path, f"{key} is empty (shape {tuple(value.shape)})")
 
 
 def _convert(state: dict[str, Tensor], path: str) -> dict[str, Tensor]:

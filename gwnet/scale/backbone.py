@@ -25,7 +25,6 @@ unpickle anything else either; a file refused is one line naming it.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import warnings
 from contextlib import contextmanager, nullcontext
