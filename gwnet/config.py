@@ -229,6 +229,12 @@ class GWNetConfig(ModelConfig):
                                  "Xavier init), for 8-bit optimizers")
     graph_conv: str = opt("fast", "graph convolution kernel: fast, or dense (reference math)",
                           ("fast", "dense"), role="kernel")
+    adaptive: str = opt("dense", "form of the adaptive adjacency: dense (N x N softmax), topk "
+                        "(the adaptive_k largest entries per row, renormalised), or lowrank "
+                        "(kernelised softmax of adaptive_rank random features); topk and "
+                        "lowrank never build an N x N matrix", ("dense", "topk", "lowrank"))
+    adaptive_k: int = opt(20, "entries kept per row of the adaptive adjacency (adaptive=topk)")
+    adaptive_rank: int = opt(64, "random features of the adaptive adjacency (adaptive=lowrank)")
 
     def validate(self) -> None:
         positive = {"blocks": self.blocks, "layers": self.layers, "kernel_size": self.kernel_size,
@@ -246,6 +252,12 @@ class GWNetConfig(ModelConfig):
             raise GWNetError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.aptonly and not self.addaptadj:
             raise GWNetError("aptonly needs the adaptive adjacency (addaptadj)")
+        if self.adaptive not in ("dense", "topk", "lowrank"):
+            raise GWNetError(f"adaptive must be dense, topk or lowrank, got {self.adaptive!r}")
+        if self.adaptive_k < 1:
+            raise GWNetError(f"adaptive_k must be at least 1, got {self.adaptive_k}")
+        if self.adaptive_rank < 1:
+            raise GWNetError(f"adaptive_rank must be at least 1, got {self.adaptive_rank}")
 
     @property
     def receptive_field(self) -> int:
@@ -315,7 +327,14 @@ class TrainConfig:
     log: Optional[str] = opt(None, "extra epoch loggers, comma-separated (tensorboard: RUN_DIR/tensorboard/)",
                              role="runtime")
     fsdp: bool = opt(False, "shard with FSDP2 (launch with torchrun)")
-    activation_checkpointing: bool = opt(False, "FSDP: recompute each block in backward")
+    activation_checkpointing: bool = opt(False, "recompute each residual layer in backward (less activation "
+                                         "memory, about a third more compute; with or without FSDP)",
+                                         role="runtime")
+    memmap: bool = opt(False, "memory-map the readings series from the cache directory, one copy shared by "
+                       "the processes of a machine (always done for series above 1 GiB)", role="runtime")
+    memory_limit_gb: Optional[float] = opt(None, "refuse to train when the memory estimate exceeds this many GB "
+                                           "(none: the available memory, MemAvailable or free GPU memory)",
+                                           role="runtime")
 
     def loggers(self) -> list[str]:
         """The extra epoch loggers ``log`` names (console lines and metrics.csv are always kept)."""

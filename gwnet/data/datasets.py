@@ -25,7 +25,7 @@ from .protocols import Protocol, protocol_of
 from .readers import ReadOptions, infer_step, read_speeds
 from .scaler import StandardScaler
 from .supports import build_supports
-from .windows import Series, Windows, build_series, make_splits
+from .windows import MEMMAP_AUTO_BYTES, Series, Windows, build_series, make_splits, series_cache_key
 
 # A dataset directory's graph file, by preference: DCRNN's pickle, a distances CSV, the PEMS0X
 # graph, LargeST's road-network adjacency, any other array adjacency, any other CSV (an edge list).
@@ -165,13 +165,23 @@ class TrafficData:
     @classmethod
     def from_frames(cls, speeds: pd.DataFrame, graph: SensorGraph, cfg: DataConfig,
                     scaler: StandardScaler | None = None, source: str = "data",
-                    graph_source: str = "graph", protocol: Protocol | None = None) -> "TrafficData":
+                    graph_source: str = "graph", protocol: Protocol | None = None,
+                    series_key: str | None = None, memmap: bool | None = None) -> "TrafficData":
         """Window ``speeds`` (time x sensors, any non-negative quantity) on ``graph`` (aligned
-        by sensor id; see :mod:`gwnet.data.graph` for PyG edge_index and other inputs)."""
+        by sensor id; see :mod:`gwnet.data.graph` for PyG edge_index and other inputs).
+
+        ``series_key`` identifies readings read from a file (:func:`~gwnet.data.windows.series_cache_key`);
+        with it the series is memory-mapped from the cache directory when ``memmap`` is true,
+        or (``memmap=None``) when it is at least ``MEMMAP_AUTO_BYTES``; ``False``: never."""
         protocol = protocol or protocol_of(cfg.dataset, cfg.data is not None)
         cfg = resolved_config(cfg, protocol, speeds, None)
         graph = align_graph(graph, [str(c) for c in speeds.columns], graph_source)
-        series = build_series(speeds, cfg)
+        big = speeds.shape[0] * speeds.shape[1] * 4 >= MEMMAP_AUTO_BYTES
+        mapped = series_key is not None and (memmap or (memmap is None and big))
+        series = build_series(speeds, cfg, cache=cache_root() if mapped else None, key=series_key)
+        if series.memmapped and (speeds.dtypes == series.mapped.dtype).all():
+            # The table becomes a view of the same map: the readings are held once, in the page cache.
+            speeds = pd.DataFrame(series.mapped, index=speeds.index, columns=speeds.columns, copy=False)
         windows, scaler = make_splits(series, speeds.index, cfg, source, scaler)
         return cls(speeds, graph, cfg, series, windows, scaler, source, protocol)
 
@@ -260,13 +270,16 @@ def load_latest(cfg: DataConfig, sensor_ids: list[str], adjacency, scaler: Stand
     return TrafficData(speeds, graph, cfg, build_series(speeds, cfg), {}, scaler, str(path), protocol)
 
 
-def load_data(cfg: DataConfig, scaler: StandardScaler | None = None) -> TrafficData:
+def load_data(cfg: DataConfig, scaler: StandardScaler | None = None, memmap: bool | None = None) -> TrafficData:
     """Read and window the data ``cfg`` describes (see :func:`resolve_source`); the
-    returned data's ``config`` has the protocol's options filled in."""
+    returned data's ``config`` has the protocol's options filled in. ``memmap``: map the
+    series from the cache directory (``True``), never (``False``), or when it is large
+    (``None``; see :meth:`TrafficData.from_frames`)."""
     source = resolve_source(cfg)
     speeds = read_speeds(source.data, options=source.options)
     graph = read_graph(source.graph, sensor_ids=[str(c) for c in speeds.columns],
                        normalized_k=cfg.normalized_k, weights=source.adj_weights)
     cfg = dataclasses.replace(cfg, target=cfg.target or source.options.target)
     return TrafficData.from_frames(speeds, graph, cfg, scaler, source=str(source.data),
-                                   graph_source=str(source.graph), protocol=source.protocol)
+                                   graph_source=str(source.graph), protocol=source.protocol,
+                                   series_key=series_cache_key(source.data, source.options), memmap=memmap)

@@ -7,6 +7,9 @@ its last input row (its *origin*), exactly DCRNN's ``generate_training_data`` of
 """
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -40,8 +43,15 @@ class Series:
     when a batch is gathered; the series then costs little more than the raw speeds.
     """
 
-    def __init__(self, speeds: torch.Tensor, calendar: torch.Tensor):
+    def __init__(self, speeds: torch.Tensor, calendar: torch.Tensor, mapped: np.memmap | None = None):
         self.speeds, self.calendar = speeds, calendar
+        # The np.memmap ``speeds`` wraps, when it is one (see build_series).
+        self.mapped = mapped
+
+    @property
+    def memmapped(self) -> bool:
+        """Whether the speeds are a map of a cache file, shared between processes."""
+        return self.mapped is not None
 
     def __len__(self) -> int:
         return self.speeds.shape[0]
@@ -61,10 +71,73 @@ class Series:
         return self.gather(torch.arange(len(self))).numpy()
 
 
-def build_series(speeds: pd.DataFrame, cfg: DataConfig, dtype=np.float32) -> Series:
-    """The model-input series of a speed table."""
-    return Series(torch.from_numpy(speeds.to_numpy(dtype=dtype, copy=True)),
-                  torch.from_numpy(calendar_features(speeds.index, cfg.time_of_day, cfg.day_of_week, dtype)))
+# A series at least this large is memory-mapped whenever it comes from a file.
+MEMMAP_AUTO_BYTES = 1 << 30
+
+
+def build_series(speeds: pd.DataFrame, cfg: DataConfig, dtype=np.float32, cache: Path | None = None,
+                 key: str | None = None) -> Series:
+    """The model-input series of a speed table.
+
+    With ``cache`` (a directory) and ``key`` (what identifies the readings: see
+    :func:`series_cache_key`), the ``(T, N)`` speeds are written once to
+    ``cache/series-<hash>.npy`` and mapped from there, so that the processes of one machine
+    (torchrun) share one copy in the page cache. Nothing writes into a series (batches are
+    gathered into new tensors); the map is copy-on-write all the same, so that a write would
+    stay in the process that made it rather than crash it (torch ignores numpy's read-only flag).
+    """
+    calendar = torch.from_numpy(calendar_features(speeds.index, cfg.time_of_day, cfg.day_of_week, dtype))
+    if cache is None or key is None:
+        return Series(torch.from_numpy(speeds.to_numpy(dtype=dtype, copy=True)), calendar)
+    mapped = map_speeds(speeds, Path(cache), key, dtype)
+    return Series(torch.from_numpy(mapped), calendar, mapped)
+
+
+def series_cache_key(path: str | os.PathLike, options, dtype=np.float32) -> str:
+    """What identifies the series of a readings file: its real path, modification time and
+    size, the options it was read with (key, target, start, step, ids file) and the dtype."""
+    from .._version import __version__  # another gwnet may read the same file differently
+
+    path = Path(path).resolve()
+    st = path.stat()
+    return f"{path}|{st.st_mtime_ns}|{st.st_size}|{options!r}|{np.dtype(dtype).str}|{__version__}"
+
+
+def map_speeds(speeds: pd.DataFrame, cache: Path, key: str, dtype=np.float32) -> np.memmap:
+    """The speeds as a copy-on-write :class:`numpy.memmap` of the cache file for ``key``, written
+    (once, atomically, under a lock other processes wait on) if it is not there yet."""
+    import fcntl
+
+    shape = speeds.shape
+    name = hashlib.sha256(f"{key}|{shape}".encode()).hexdigest()[:24]
+    cache.mkdir(parents=True, exist_ok=True)
+    final = cache / f"series-{name}.npy"
+    with open(cache / f".series-{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        mapped = _open_mapped(final, shape, dtype)
+        if mapped is None:
+            tmp = cache / f".series-{name}.{os.getpid()}.tmp"
+            try:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+                out[:] = speeds.to_numpy(dtype=dtype, copy=False)
+                out.flush()
+                del out
+                os.replace(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
+            mapped = _open_mapped(final, shape, dtype)
+    return mapped
+
+
+def _open_mapped(path: Path, shape: tuple, dtype) -> np.memmap | None:
+    """The cache file mapped copy-on-write, or ``None`` if absent or not of ``shape`` and ``dtype``."""
+    try:
+        mapped = np.load(path, mmap_mode="c", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(mapped, np.memmap) or mapped.shape != tuple(shape) or mapped.dtype != np.dtype(dtype):
+        return None
+    return mapped
 
 
 def split_sizes(num_windows: int, train_ratio: float = 0.7, test_ratio: float = 0.2) -> dict[str, int]:

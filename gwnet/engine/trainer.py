@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import sys
 import time
@@ -115,7 +116,7 @@ class Trainer:
             raise GWNetError("train.fsdp needs the sharded trainer: use gwnet.train(cfg) or "
                              "gwnet.engine.make_trainer(cfg) under torchrun")
         self.cfg = cfg
-        self.data = data if data is not None else load_data(cfg.data)
+        self.data = data if data is not None else load_data(cfg.data, memmap=True if cfg.train.memmap else None)
         cfg.resolve(num_nodes=self.data.num_nodes)
         stamp_data_options(cfg, self.data)
         self.run = RunDir(cfg.out)
@@ -131,7 +132,9 @@ class Trainer:
     def _set_up(self, cfg: Config, model: torch.nn.Module | None, loss_fn: LossFn, resume: bool,
                 listeners: Sequence[EpochListener]) -> None:
         self.device = resolve_device(cfg.train.device)
-        model = (model if model is not None else build_model(cfg, self.data)).to(self.device)
+        model = model if model is not None else build_model(cfg, self.data)
+        self._check_memory(model)
+        model = model.to(self.device)
         # A run killed before its first checkpoint has nothing to restore: it starts over
         # (_open_run refused one that had trained and lost its last.pt).
         resume = resume and self.run.last.exists()
@@ -151,6 +154,41 @@ class Trainer:
         # Only the main process reports; its listeners are built last, so that a logger that
         # cannot start (a missing package) fails before any training.
         self.listeners: list[EpochListener] = [*make_listeners(self), *listeners] if self.is_main else []
+
+    def _check_memory(self, model: torch.nn.Module) -> None:
+        """Estimate the memory of a training step (:mod:`gwnet.engine.memory`; :meth:`fit`
+        prints it on the main process with ``train.progress``) and refuse, with one line, a run
+        it says cannot fit: within ``train.memory_limit_gb``, or when that is ``None`` the
+        memory available now (MemAvailable, shared by the processes of the machine; on CUDA
+        the GPU's free memory)."""
+        from .memory import estimate, memory_limit
+
+        t = self.cfg.train
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        series = self.data.series
+        # A memory-mapped series is shared page cache; on a GPU the series stays in host memory.
+        series_bytes = 0 if self.device.type == "cuda" or getattr(series, "memmapped", False) else series.nbytes
+        local_batch = -(-t.batch_size // self.world_size)
+        est = estimate(self.cfg, self.data.num_nodes, local_batch, parameters=params,
+                       series_bytes=series_bytes, shards=self.world_size if self.sharded else 1)
+        self.memory_estimate = est  # fit() prints it (here a later error would not be one line)
+
+        def decide() -> str | None:
+            limit = memory_limit(t.memory_limit_gb, self.device)
+            if limit is not None and t.memory_limit_gb is None and self.device.type != "cuda":
+                # The processes of a machine share its available memory.
+                limit /= max(int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)), 1)
+            reason = est.refusal(limit) if limit is not None else None
+            if reason is not None and self.world_size > 1:
+                reason += f" (per process, {self.world_size} processes)"
+            return reason
+
+        # Sharded: the main process decides for all (the memory each one finds may differ),
+        # so that every process stops together rather than some waiting in a collective.
+        world = getattr(self, "world", None)
+        reason = world.from_main(decide) if self.world_size > 1 and world is not None else decide()
+        if reason is not None:
+            raise GWNetError(reason)
 
     def _open_run(self, resume: bool) -> None:
         """On the main process: lock the run directory (a second process training into it is
@@ -179,7 +217,14 @@ class Trainer:
 
     # --- hooks: one process here, several in gwnet.scale.trainer.ShardedTrainer -------------
     def _prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The model as training uses it (sharded over processes, or as it is)."""
+        """The model as training uses it (sharded over processes, or as it is; with
+        ``train.activation_checkpointing`` each residual layer recomputes in backward)."""
+        if self.cfg.train.activation_checkpointing:
+            from ..scale.backbone import checkpoint_layers
+
+            if not checkpoint_layers(model):
+                warnings.warn(f"activation_checkpointing: the {self.cfg.arch} model has no residual layers "
+                              "(model.layers) to recompute; training without it")
         return model
 
     def _share(self, positions: torch.Tensor) -> torch.Tensor:
@@ -395,6 +440,9 @@ class Trainer:
         elif p.epoch or p.partial is not None:
             where = f", batch {p.partial['next_batch'] + 1}" if p.partial is not None else ""
             self._say(f"resuming at epoch {p.epoch + 1}{where} of {t.epochs} ({self.run.root})")
+        if not p.finished:
+            est = self.memory_estimate
+            self._say(est.describe() + (f" per process ({self.world_size} processes)" if self.world_size > 1 else ""))
         if not p.finished and not _bar_shown():
             windows = self.data.windows["train"]
             per_epoch = len([b for b in torch.arange(len(windows)).split(t.batch_size) if len(b) >= self.world_size])

@@ -103,7 +103,8 @@ def adaptive_adjacency(model: torch.nn.Module) -> np.ndarray | None:
     if adaptive is None:
         return None
     with torch.no_grad():
-        return adaptive().float().cpu().numpy()
+        # topk/lowrank forms return a support object from forward(); dense() is the matrix.
+        return getattr(adaptive, "dense", adaptive)().float().cpu().numpy()
 
 
 def plot_adaptive_adjacency(members: Sequence[Member], sensor_ids: Sequence[str],

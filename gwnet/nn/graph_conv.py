@@ -51,8 +51,16 @@ def prepare_support(support: Tensor, kernel: str = "fast") -> Tensor:
     return dense.contiguous()
 
 
+def _is_operator(support) -> bool:
+    """A support given as an object with ``propagate`` (a scalable adaptive adjacency of
+    :mod:`gwnet.nn.adaptive`) rather than an :math:`N \\times N` tensor."""
+    return not isinstance(support, Tensor)
+
+
 def _propagate(support: Tensor, h: Tensor) -> Tensor:
     """:math:`A^\\top h` for node-major ``h``: what every node receives from its sources."""
+    if _is_operator(support):
+        return support.propagate(h)
     if support.layout == torch.strided:
         return support.t() @ h
     return _SparsePropagate.apply(support, h)
@@ -173,6 +181,16 @@ class _HornerGraphConv(torch.autograd.Function):
         return (dx, dw, db, None, None, *dsupports)
 
 
+def _operator_horner(x2: Tensor, blocks: Sequence[Tensor], support, nodes: int) -> Tensor:
+    r""":math:`\sum_{k=1}^K (\mathbf{A}^\top)^k \mathbf{X}\mathbf{W}_k^\top` for a support
+    object with ``propagate`` (Horner's scheme, autograd): ``x2`` is ``(N L B, C_{in})``
+    node-major, ``blocks`` the :math:`K` weight blocks :math:`\mathbf{W}_k`."""
+    z = x2 @ blocks[-1].t()
+    for w in reversed(blocks[:-1]):
+        z = torch.addmm(support.propagate(z.view(nodes, -1)).view_as(z).to(z.dtype), x2, w.t())
+    return support.propagate(z.view(nodes, -1)).view_as(z)
+
+
 class DiffusionGraphConv(nn.Module):
     r"""Diffusion convolution of Graph WaveNet (Wu et al. 2019, Eq. 7).
 
@@ -193,6 +211,15 @@ class DiffusionGraphConv(nn.Module):
     :math:`\mathbf{A}^\top \mathbf{X}` with :math:`\mathbf{X}` as :math:`N \times (L B C)`
     (sparse CSR supports welcome), and accumulates :math:`\mathbf{W}_k (\mathbf{A}^k
     \mathbf{X})` block by block instead of materialising the concatenation.
+
+    A support may also be an object with ``propagate(h)`` computing :math:`\mathbf{A}^\top
+    \mathbf{h}` for node-major ``(N, ...)`` ``h`` (the ``topk`` and ``lowrank`` adaptive
+    adjacencies, :mod:`gwnet.nn.adaptive`). It never goes through the ``fast`` kernel's
+    hand-written backward, whose support gradient is a dense :math:`N \times N` matrix:
+    its term :math:`\sum_k (\mathbf{A}^\top)^k \mathbf{X}\mathbf{W}_k^\top` is computed by
+    Horner's scheme on :math:`C_{out}`-wide blocks with autograd, the gradient reaching its
+    parameters through ``propagate``; the ``dense`` kernel propagates it in the reference
+    layout's node-major view.
 
     Args:
         in_channels: channels :math:`C_{in}` of the input.
@@ -240,7 +267,22 @@ class DiffusionGraphConv(nn.Module):
             # Mixed precision: per-op autocast rules, block by block.
             return self._fast_blocks(x, supports)
         x2 = x.reshape(-1, self.in_channels)
-        out = _HornerGraphConv.apply(x2, self.weight, self.bias, self.order, x.size(0), *supports)
+        nodes = x.size(0)
+        if not any(_is_operator(s) for s in supports):
+            out = _HornerGraphConv.apply(x2, self.weight, self.bias, self.order, nodes, *supports)
+            return out.view(*x.shape[:-1], self.out_channels)
+        # Tensor supports through the fused kernel (with their weight blocks), operators
+        # by Horner's scheme with autograd.
+        blocks = self.weight.split(self.in_channels, dim=1)
+        order = self.order
+        keep = [blocks[0]] + [blocks[1 + s * order + k] for s, sup in enumerate(supports)
+                              if not _is_operator(sup) for k in range(order)]
+        tensors = [s for s in supports if not _is_operator(s)]
+        out = _HornerGraphConv.apply(x2, torch.cat(keep, dim=1), self.bias, order, nodes, *tensors)
+        for s, support in enumerate(supports):
+            if _is_operator(support):
+                out = out + _operator_horner(x2, blocks[1 + s * order:1 + (s + 1) * order],
+                                             support, nodes)
         return out.view(*x.shape[:-1], self.out_channels)
 
     def _fast_blocks(self, x: Tensor, supports: Sequence[Tensor]) -> Tensor:
@@ -259,6 +301,14 @@ class DiffusionGraphConv(nn.Module):
         h = x.permute(2, 3, 0, 1)  # (B, C, N, L), the reference layout
         out = [h]
         for support in supports:
+            if _is_operator(support):
+                h_k = h
+                for _ in range(self.order):
+                    b, c, n, l = h_k.shape
+                    node_major = h_k.permute(2, 0, 1, 3).reshape(n, -1)
+                    h_k = support.propagate(node_major).view(n, b, c, l).permute(1, 2, 0, 3)
+                    out.append(h_k)
+                continue
             a = support.to_dense() if support.layout != torch.strided else support
             h_k = h
             for _ in range(self.order):

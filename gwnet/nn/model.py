@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..config import GWNetConfig
 from ..data.supports import to_torch
 from ..errors import GWNetError
-from .adaptive import AdaptiveAdjacency
+from .adaptive import build_adaptive
 from .graph_conv import DiffusionGraphConv, prepare_support
 from .temporal import GatedTemporalConv
 
@@ -84,7 +84,9 @@ class GWNet(nn.Module):
     ``cat_feat_gc`` the start is :math:`\mathbf{W}_0\mathbf{x}_{speed} +
     \mathrm{LeakyReLU}(\mathbf{W}_c\mathbf{x}_{other})`, else one 1x1 convolution over all
     features. The graph convolutions see the fixed supports (unless ``aptonly``) and then
-    the adaptive adjacency (with ``addaptadj``), computed once per forward pass.
+    the adaptive adjacency (with ``addaptadj``), computed once per forward pass: dense
+    :math:`N \times N` by default, or with ``adaptive="topk"`` / ``"lowrank"`` a form that
+    never holds an :math:`N \times N` tensor (:mod:`gwnet.nn.adaptive`).
 
     Only modules the forward pass uses are built, so every parameter gets a gradient; the
     reference's unused ones are dropped by :func:`gwnet.nn.load_reference_checkpoint`.
@@ -143,7 +145,8 @@ class GWNet(nn.Module):
                 raise GWNetError("randomadj=False initialises the adaptive adjacency from "
                                  "the first fixed support, but there is none")
             init = None if c.randomadj else supports[0]
-            self.adaptive = AdaptiveAdjacency(c.num_nodes, c.apt_size, init, c.stable_embedding)
+            self.adaptive = build_adaptive(c.adaptive, c.num_nodes, c.apt_size, init,
+                                           c.stable_embedding, c.adaptive_k, c.adaptive_rank)
 
         num_supports = self.num_fixed + int(self.adaptive is not None)
         self.layers = nn.ModuleList(
@@ -157,8 +160,10 @@ class GWNet(nn.Module):
         """Input steps one output sees; shorter inputs are left-padded with zeros."""
         return self.config.receptive_field
 
-    def supports(self) -> list[Tensor]:
-        """The supports the graph convolutions see: fixed ones, then the adaptive one."""
+    def supports(self) -> list:
+        """The supports the graph convolutions see: fixed ones, then the adaptive one (an
+        :math:`N \\times N` tensor for ``adaptive="dense"``, else a support object with
+        ``propagate``, see :mod:`gwnet.nn.adaptive`)."""
         out = [getattr(self, f"support_{i}") for i in range(self.num_fixed)]
         if self.adaptive is not None:
             out.append(self.adaptive())

@@ -56,13 +56,26 @@ _recomputing = False
 
 
 @contextmanager
-def _recomputation() -> Iterator[None]:
+def _recomputation(block: nn.Module | None = None) -> Iterator[None]:
+    """While activation checkpointing recomputes ``block``: batch norms must not update their
+    running statistics a second time. :class:`SyncedBatchNorm` reads ``_recomputing``; torch's
+    own batch norms of ``block`` get their running statistics and counter back as they were
+    before the recomputation (they must still run the same kernels: checkpoint checks that the
+    recomputation saves the same tensors)."""
     global _recomputing
+    kept = [(m, [buf.clone() for buf in (m.running_mean, m.running_var, m.num_batches_tracked)])
+            for m in (block.modules() if block is not None else ())
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, SyncedBatchNorm)
+            and m.training and m.track_running_stats and m.running_mean is not None]
     _recomputing = True
     try:
         yield
     finally:
         _recomputing = False
+        with torch.no_grad():
+            for m, before in kept:
+                for buf, value in zip((m.running_mean, m.running_var, m.num_batches_tracked), before):
+                    buf.copy_(value)
 
 
 class _AllSum(torch.autograd.Function):
@@ -139,16 +152,33 @@ def sync_batch_norms(model: nn.Module) -> nn.Module:
 
 
 def _recompute_in_backward(block: nn.Module) -> None:
-    # The block's own forward runs under checkpoint, inside FSDP's hooks: parameters are
-    # gathered for the recomputation the same way as for the forward pass.
+    # The block's own forward runs under checkpoint (inside FSDP's hooks when sharded:
+    # parameters are gathered for the recomputation the same way as for the forward pass).
+    # Dropout draws the same masks again: checkpoint restores the RNG state it saved.
     forward = block.forward
 
     def checkpointed(*args, **kwargs):
+        if not torch.is_grad_enabled():  # evaluation: nothing to recompute
+            return forward(*args, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False,
-                          context_fn=lambda: (nullcontext(), _recomputation()),
+                          context_fn=lambda: (nullcontext(), _recomputation(block)),
                           **kwargs)
 
     block.forward = checkpointed
+    block._gwnet_checkpointed = True
+
+
+def checkpoint_layers(model: nn.Module) -> bool:
+    """Make each block of ``model.layers`` recompute its activations in backward (one process
+    or sharded); ``False`` (and nothing changed) for a model without ``layers``. Blocks already
+    made so are left as they are."""
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        return False
+    for block in layers:
+        if not getattr(block, "_gwnet_checkpointed", False):
+            _recompute_in_backward(block)
+    return True
 
 
 def mixed_precision(device: torch.device, precision: str) -> MixedPrecisionPolicy:
@@ -171,9 +201,9 @@ def shard_model(model: nn.Module, world: World, precision: str = "fp32",
     """
     sync_batch_norms(model)
     policy = mixed_precision(world.device, precision)
+    if activation_checkpointing:
+        checkpoint_layers(model)
     for block in getattr(model, "layers", ()):
-        if activation_checkpointing:
-            _recompute_in_backward(block)
         fully_shard(block, mesh=world.mesh, mp_policy=policy)
     fully_shard(model, mesh=world.mesh, mp_policy=policy)
     return model

@@ -56,10 +56,10 @@ class ShardedTrainer(Trainer):
         if data is None:
             # Rank 0 first: it generates a missing synthetic dataset once, the others read it.
             if self.is_main:
-                data = load_data(cfg.data)
+                data = load_data(cfg.data, memmap=True if cfg.train.memmap else None)
             self.world.barrier()
             if data is None:
-                data = load_data(cfg.data)
+                data = load_data(cfg.data, memmap=True if cfg.train.memmap else None)
         super().__init__(cfg, data, model, loss_fn, resume, listeners)
 
     def _open_run(self, resume: bool) -> None:

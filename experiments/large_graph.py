@@ -1,0 +1,235 @@
+"""Graph WaveNet at LargeST scale: step time, inference time and peak memory per adaptive
+adjacency variant from 207 to 8,600 sensors, and the halo a node-partitioned split needs.
+
+Graphs are the synthetic LargeST-layout road networks of ``gwnet-data synth --format
+largest`` (the dense ``*_rn_adj.npy`` turned into doubletransition supports, as LargeST's GWNet
+row uses), inputs random, the improved preset in fp32 on the CPU. Every cell runs in a fresh
+process so that its peak RSS is its own; cells whose projected time exceeds the budget are
+skipped and marked. "largest batch in 16 GB" is read off gwnet's memory estimate
+(:func:`gwnet.engine.memory.estimate`), not searched by trial.
+
+    python experiments/large_graph.py [--sizes 207 1000 2000 4000 8600] [--threads 2]
+        [--batch 4] [--budget 600] [--out DIR] [--halo-only]
+
+The halo: the graph is split into 2, 4 and 8 parts of contiguous sensors (recursive
+bisection along the longer geographic axis, from the layout's ``*_meta.csv``); a part's
+halo for one diffusion step is the set of sensors outside it that send to a sensor inside
+it (a non-zero in the fixed supports); a layer of order-K diffusion needs the K-step halo.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", "Sparse invariant checks are implicitly disabled")
+
+SIZES = (207, 1000, 2000, 4000, 8600)
+GIB = 1024 ** 3
+
+
+def graph_dir(nodes: int, root: Path) -> Path:
+    """A synthetic LargeST-layout dataset of ``nodes`` sensors (one day: only the graph is used)."""
+    from gwnet.data import synthetic
+
+    out = root / f"largest-{nodes}"
+    if not (out / "g_rn_adj.npy").exists():
+        synthetic.write(out, nodes=nodes, days=1, seed=0, layout="largest", name="g")
+    return out
+
+
+def supports(nodes: int, root: Path) -> list[sp.csr_matrix]:
+    from gwnet.data.supports import build_supports
+
+    adj = np.load(graph_dir(nodes, root) / "g_rn_adj.npy")
+    return build_supports(adj, "doubletransition")
+
+
+# --- one cell, in its own process --------------------------------------------------------
+def cell(nodes: int, variant: str, batch: int, threads: int, root: Path, repeats: int) -> dict:
+    import torch
+
+    from gwnet.config import GWNetConfig
+    from gwnet.data.supports import to_torch
+    from gwnet.nn import GWNet
+
+    torch.set_num_threads(threads)
+    sup = supports(nodes, root)
+    options = {"addaptadj": variant != "none"}
+    if variant not in ("none", "dense"):
+        options["adaptive"] = variant
+    torch.manual_seed(0)
+    cfg = GWNetConfig.improved(num_nodes=nodes, **options)
+    model = GWNet(cfg, to_torch(sup))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 12, nodes, cfg.in_dim)
+    y = torch.randn(batch, cfg.out_dim, nodes)
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = (model(x) - y).abs().mean()
+        loss.backward()
+        optimizer.step()
+
+    def infer():
+        with torch.no_grad():
+            model(x)
+
+    timings = {}
+    for name, fn in (("train_s", train_step), ("infer_s", infer)):
+        model.train(name == "train_s")
+        fn()  # warm-up
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn()
+            seconds.append(time.perf_counter() - started)
+        timings[name] = float(np.median(seconds))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    edges = sum(s.nnz for s in sup) / len(sup) / nodes
+    return {"nodes": nodes, "variant": variant, "batch": batch, **timings, "peak_rss_gb": peak / GIB,
+            "edges_per_node": edges, "params": sum(p.numel() for p in model.parameters())}
+
+
+def largest_batch(nodes: int, variant: str, limit_gb: float = 16.0) -> int | None:
+    """The largest batch whose estimated training memory fits ``limit_gb`` (None without an
+    estimator for this variant)."""
+    try:
+        from gwnet.config import Config
+        from gwnet.engine.memory import estimate
+    except ImportError:
+        return None
+    cfg = Config.from_preset("improved")
+    cfg.model.addaptadj = variant != "none"
+    if variant not in ("none", "dense"):
+        cfg.model.adaptive = variant
+    cfg.resolve(num_nodes=nodes)
+    lo, hi = 0, 1
+    while estimate(cfg, nodes, hi).total_bytes <= limit_gb * GIB and hi < 1 << 16:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if estimate(cfg, nodes, mid).total_bytes <= limit_gb * GIB else (lo, mid)
+    return lo
+
+
+def run_cell(args, nodes: int, variant: str) -> dict:
+    command = [sys.executable, __file__, "--cell", str(nodes), variant, "--batch", str(args.batch),
+               "--threads", str(args.threads), "--root", str(args.root), "--repeats", str(args.repeats)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"nodes": nodes, "variant": variant, "error": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- the halo of a node-partitioned split -------------------------------------------------
+def bisect(xy: np.ndarray, index: np.ndarray, parts: int) -> list[np.ndarray]:
+    """Recursive bisection along the longer axis into ``parts`` (a power of 2) equal parts."""
+    if parts == 1:
+        return [index]
+    pts = xy[index]
+    axis = int(np.ptp(pts, axis=0).argmax())
+    order = index[np.argsort(pts[:, axis], kind="stable")]
+    half = len(order) // 2
+    return bisect(xy, order[:half], parts // 2) + bisect(xy, order[half:], parts // 2)
+
+
+def halo_table(nodes: int, root: Path, hops=(1, 2)) -> pd.DataFrame:
+    folder = graph_dir(nodes, root)
+    meta = pd.read_csv(folder / "g_meta.csv")
+    xy = meta[["Lng", "Lat"]].to_numpy()
+    sup = supports(nodes, root)
+    reach = (sum(abs(s) for s in sup) > 0).astype(np.int8).tocsr()  # u -> v where u sends to v
+    rows = []
+    for parts in (2, 4, 8):
+        for part_hops in hops:
+            sizes = []
+            for part in bisect(xy, np.arange(nodes), parts):
+                inside = np.zeros(nodes, dtype=bool)
+                inside[part] = True
+                frontier = inside.copy()
+                for _ in range(part_hops):  # senders into the current set
+                    frontier = frontier | (reach @ frontier.astype(np.int8) > 0)
+                sizes.append(int((frontier & ~inside).sum()))
+            rows.append({"parts": parts, "hops": part_hops, "part_size": nodes // parts,
+                         "halo_max": max(sizes), "halo_mean": float(np.mean(sizes)),
+                         "halo_share_of_part": max(sizes) / (nodes // parts)})
+    return pd.DataFrame(rows)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The table as GitHub markdown (no extra dependency)."""
+    def cell(v) -> str:
+        return "" if pd.isna(v) else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES))
+    parser.add_argument("--variants", nargs="+", default=["none", "dense", "topk", "lowrank"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=600.0, help="seconds a cell may take (projected)")
+    parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "gwnet-large-graph")
+    parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
+    parser.add_argument("--halo-only", action="store_true")
+    parser.add_argument("--cell", nargs=2, metavar=("NODES", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.cell:
+        print(json.dumps(cell(int(args.cell[0]), args.cell[1], args.batch, args.threads, args.root,
+                              args.repeats)))
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    halo = halo_table(max(args.sizes), args.root)
+    print(f"halo of a node-partitioned split, {max(args.sizes)} sensors (synthetic LargeST layout):")
+    print(halo.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    halo.to_csv(args.out / "large_graph_halo.csv", index=False)
+    if args.halo_only:
+        return 0
+    rows = []
+    last: dict[str, dict] = {}
+    for nodes in args.sizes:
+        for variant in args.variants:
+            prev = last.get(variant)
+            if prev is not None and "train_s" in prev:
+                # project with the quadratic growth of dense, linear of the others
+                power = 2 if variant == "dense" else 1.2
+                projected = (prev["train_s"] + prev["infer_s"]) * (args.repeats + 1) * (nodes / prev["nodes"]) ** power
+                if projected > args.budget:
+                    rows.append({"nodes": nodes, "variant": variant, "skipped": f"projected {projected:.0f} s"})
+                    print(rows[-1], flush=True)
+                    continue
+            started = time.perf_counter()
+            result = run_cell(args, nodes, variant)
+            result["cell_s"] = time.perf_counter() - started
+            result["largest_batch_16gb"] = largest_batch(nodes, variant)
+            rows.append(result)
+            last[variant] = result
+            print(result, flush=True)
+    table = pd.DataFrame(rows)
+    table.to_csv(args.out / "large_graph.csv", index=False)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    (args.out / "large_graph.md").write_text(markdown(table))
+    print(f"threads {args.threads}, batch {args.batch}, load average {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
