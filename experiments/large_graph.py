@@ -6,7 +6,8 @@ largest`` (the dense ``*_rn_adj.npy`` turned into doubletransition supports, as 
 row uses), inputs random, the improved preset in fp32 on the CPU. Every cell runs in a fresh
 process so that its peak RSS is its own; cells whose projected time exceeds the budget are
 skipped and marked. "largest batch in 16 GB" is read off gwnet's memory estimate
-(:func:`gwnet.engine.memory.estimate`), not searched by trial.
+(:func:`gwnet.engine.memory.estimate`, printed beside the measured peak RSS, which also holds
+the interpreter and torch: about 0.5 GB), not searched by trial.
 
     python experiments/large_graph.py [--sizes 207 1000 2000 4000 8600] [--threads 2]
         [--batch 4] [--budget 600] [--out DIR] [--halo-only]
@@ -103,26 +104,19 @@ def cell(nodes: int, variant: str, batch: int, threads: int, root: Path, repeats
             "edges_per_node": edges, "params": sum(p.numel() for p in model.parameters())}
 
 
-def largest_batch(nodes: int, variant: str, limit_gb: float = 16.0) -> int | None:
-    """The largest batch whose estimated training memory fits ``limit_gb`` (None without an
-    estimator for this variant)."""
-    try:
-        from gwnet.config import Config
-        from gwnet.engine.memory import estimate
-    except ImportError:
-        return None
+def memory(nodes: int, variant: str, batch: int, limit_gb: float = 16.0) -> tuple[float, int | None]:
+    """gwnet's estimate of a training step's memory at ``batch`` (GB) and the largest batch
+    whose estimate fits ``limit_gb``."""
+    from gwnet.config import Config
+    from gwnet.engine.memory import estimate
+
     cfg = Config.from_preset("improved")
     cfg.model.addaptadj = variant != "none"
     if variant not in ("none", "dense"):
         cfg.model.adaptive = variant
     cfg.resolve(num_nodes=nodes)
-    lo, hi = 0, 1
-    while estimate(cfg, nodes, hi).total_bytes <= limit_gb * GIB and hi < 1 << 16:
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if estimate(cfg, nodes, mid).total_bytes <= limit_gb * GIB else (lo, mid)
-    return lo
+    found = estimate(cfg, nodes, batch)
+    return found.total_bytes / GIB, found.fits(limit_gb * GIB)
 
 
 def run_cell(args, nodes: int, variant: str) -> dict:
@@ -219,7 +213,7 @@ def main() -> int:
             started = time.perf_counter()
             result = run_cell(args, nodes, variant)
             result["cell_s"] = time.perf_counter() - started
-            result["largest_batch_16gb"] = largest_batch(nodes, variant)
+            result["estimate_gb"], result["largest_batch_16gb"] = memory(nodes, variant, args.batch)
             rows.append(result)
             last[variant] = result
             print(result, flush=True)
