@@ -19,20 +19,14 @@ from gwnet.engine.memory import estimate
 from gwnet.engine.trainer import Trainer, build_model
 from gwnet.errors import GWNetError
 from gwnet.scale.backbone import checkpoint_layers
+from test_train import tiny_config as train_tiny_config
 
 
 def tiny_config(dataset, out, **train) -> Config:
-    cfg = Config.from_preset("improved")
-    cfg.data.dataset = str(dataset)
-    cfg.out = str(out)
-    m = cfg.model
-    m.residual_channels = m.dilation_channels = 8
-    m.skip_channels = m.end_channels = 16
-    m.blocks, m.layers, m.apt_size, m.dropout = 2, 2, 4, 0.3
-    t = cfg.train
-    t.epochs, t.batch_size, t.batches_per_epoch, t.progress, t.device = 1, 16, 3, False, "cpu"
-    for k, v in train.items():
-        setattr(t, k, v)
+    """test_train's tiny model with dropout (checkpointing must replay its masks), one short epoch."""
+    cfg = train_tiny_config(dataset, out, **{"epochs": 1, "batch_size": 16, "batches_per_epoch": 3,
+                                             "device": "cpu", **train})
+    cfg.model.dropout = 0.3
     return cfg
 
 
