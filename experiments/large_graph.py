@@ -10,7 +10,7 @@ skipped and marked. "largest batch in 16 GB" is read off gwnet's memory estimate
 the interpreter and torch: about 0.5 GB), not searched by trial.
 
     python experiments/large_graph.py [--sizes 207 1000 2000 4000 8600] [--threads 2]
-        [--batch 4] [--budget 600] [--out DIR] [--halo-only]
+        [--batch 4] [--checkpointing] [--budget 600] [--out DIR] [--halo-only]
 
 The halo: the graph is split into 2, 4 and 8 parts of contiguous sensors (recursive
 bisection along the longer geographic axis, from the layout's ``*_meta.csv``); a part's
@@ -59,7 +59,8 @@ def supports(nodes: int, root: Path) -> list[sp.csr_matrix]:
 
 
 # --- one cell, in its own process --------------------------------------------------------
-def cell(nodes: int, variant: str, batch: int, threads: int, root: Path, repeats: int) -> dict:
+def cell(nodes: int, variant: str, batch: int, threads: int, root: Path, repeats: int,
+         checkpointing: bool = False) -> dict:
     import torch
 
     from gwnet.config import GWNetConfig
@@ -74,6 +75,10 @@ def cell(nodes: int, variant: str, batch: int, threads: int, root: Path, repeats
     torch.manual_seed(0)
     cfg = GWNetConfig.improved(num_nodes=nodes, **options)
     model = GWNet(cfg, to_torch(sup))
+    if checkpointing:  # what --activation-checkpointing does: each residual layer recomputed in backward
+        from gwnet.scale.backbone import checkpoint_layers
+
+        checkpoint_layers(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.randn(batch, 12, nodes, cfg.in_dim)
     y = torch.randn(batch, cfg.out_dim, nodes)
@@ -100,7 +105,8 @@ def cell(nodes: int, variant: str, batch: int, threads: int, root: Path, repeats
         timings[name] = float(np.median(seconds))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     edges = sum(s.nnz for s in sup) / len(sup) / nodes
-    return {"nodes": nodes, "variant": variant, "batch": batch, **timings, "peak_rss_gb": peak / GIB,
+    return {"nodes": nodes, "variant": variant, "batch": batch, "checkpointing": checkpointing, **timings,
+            "peak_rss_gb": peak / GIB,
             "edges_per_node": edges, "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -122,6 +128,8 @@ def memory(nodes: int, variant: str, batch: int, limit_gb: float = 16.0) -> tupl
 def run_cell(args, nodes: int, variant: str) -> dict:
     command = [sys.executable, __file__, "--cell", str(nodes), variant, "--batch", str(args.batch),
                "--threads", str(args.threads), "--root", str(args.root), "--repeats", str(args.repeats)]
+    if args.checkpointing:
+        command.append("--checkpointing")
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         return {"nodes": nodes, "variant": variant, "error": done.stderr.strip().splitlines()[-1:]}
@@ -184,11 +192,12 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "gwnet-large-graph")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
     parser.add_argument("--halo-only", action="store_true")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
     parser.add_argument("--cell", nargs=2, metavar=("NODES", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:
         print(json.dumps(cell(int(args.cell[0]), args.cell[1], args.batch, args.threads, args.root,
-                              args.repeats)))
+                              args.repeats, args.checkpointing)))
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     halo = halo_table(max(args.sizes), args.root)
