@@ -2,7 +2,7 @@
 synthetic data, same budget and seeds (the large-graph issue's accuracy check).
 
     python experiments/adaptive_accuracy.py [--nodes 40] [--days 14] [--seeds 3]
-        [--epochs 8] [--batches 30] [--out DIR]
+        [--epochs 8] [--batches 30] [--out DIR] [--overwrite]
 
 Each variant trains the improved preset into ``OUT/<variant>/seed<k>`` (a finished run is
 reused, an interrupted one resumed) and the table gives the mean test MAE over horizons
@@ -44,7 +44,13 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("results/adaptive-accuracy"))
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier adaptive_accuracy.csv")
     args = parser.parse_args()
+    table_path = args.out / "adaptive_accuracy.csv"
+    if table_path.exists() and not args.overwrite:
+        print(f"adaptive_accuracy.py: error: {table_path} exists; pass --overwrite to replace it "
+              "(finished runs are reused either way)", file=sys.stderr)
+        return 2
     rows = [{"variant": v, "seed": s, "test_mae": run(v, s, args)} for v in args.variants
             for s in range(args.seeds)]
     table = pd.DataFrame(rows).groupby("variant", sort=False)["test_mae"].agg(["mean", "std", "count"])
@@ -53,7 +59,7 @@ def main() -> int:
           f"{args.batches} batches, seeds 0-{args.seeds - 1}; test MAE (mean of horizons 1-12):")
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
     args.out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out / "adaptive_accuracy.csv")
+    table.to_csv(table_path)
     return 0
 
 

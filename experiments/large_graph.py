@@ -10,7 +10,7 @@ skipped and marked. "largest batch in 16 GB" is read off gwnet's memory estimate
 the interpreter and torch: about 0.5 GB), not searched by trial.
 
     python experiments/large_graph.py [--sizes 207 1000 2000 4000 8600] [--threads 2]
-        [--batch 4] [--checkpointing] [--budget 600] [--out DIR] [--halo-only]
+        [--batch 4] [--checkpointing] [--budget 600] [--out DIR] [--overwrite] [--halo-only]
 
 The halo: the graph is split into 2, 4 and 8 parts of contiguous sensors (recursive
 bisection along the longer geographic axis, from the layout's ``*_meta.csv``); a part's
@@ -192,6 +192,7 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "gwnet-large-graph")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
     parser.add_argument("--halo-only", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace the tables of an earlier run in --out")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
     parser.add_argument("--cell", nargs=2, metavar=("NODES", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -199,6 +200,11 @@ def main() -> int:
         print(json.dumps(cell(int(args.cell[0]), args.cell[1], args.batch, args.threads, args.root,
                               args.repeats, args.checkpointing)))
         return 0
+    outputs = [args.out / name for name in ("large_graph_halo.csv", "large_graph.csv", "large_graph.md")]
+    earlier = [p for p in outputs if p.exists()]
+    if earlier and not args.overwrite:
+        print(f"large_graph.py: error: {earlier[0]} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     halo = halo_table(max(args.sizes), args.root)
     print(f"halo of a node-partitioned split, {max(args.sizes)} sensors (synthetic LargeST layout):")

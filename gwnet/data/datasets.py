@@ -77,22 +77,24 @@ class Source:
     """Where a config's readings and graph are, and how to read them."""
 
     data: Path
-    graph: Path
+    graph: Path | None
     options: ReadOptions
     adj_weights: str | None
     protocol: Protocol
 
 
-def resolve_source(cfg: DataConfig) -> Source:
-    """The files ``cfg`` points to and how to read them (see the module docstring)."""
+def resolve_source(cfg: DataConfig, need_graph: bool = True) -> Source:
+    """The files ``cfg`` points to and how to read them (see the module docstring); without
+    ``need_graph``, explicit readings (``cfg.data``) may come without a graph file (``graph``
+    is then ``None``)."""
     protocol = protocol_of(cfg.dataset, cfg.data is not None)
     spec = DATASETS.get(cfg.dataset) if cfg.data is None else None
     ids = start = None
     weights = cfg.adj_weights
     if cfg.data is not None:
-        if cfg.adj is None:
+        if cfg.adj is None and need_graph:
             raise file_error(cfg.data, "no sensor graph given; pass --adj (DCRNN pickle, CSV or .npy adjacency)")
-        data, graph, key = Path(cfg.data), Path(cfg.adj), cfg.key
+        data, graph, key = Path(cfg.data), Path(cfg.adj) if cfg.adj else None, cfg.key
         ids = str(data.with_suffix(".txt"))  # PEMS03.txt beside PEMS03.npz, when present
     elif cfg.dataset == "synthetic":
         folder = synthetic_dir(cfg)
@@ -229,16 +231,8 @@ def load_latest(cfg: DataConfig, sensor_ids: list[str], adjacency, scaler: Stand
     and the step its ``cfg.step_minutes``; inputs are scaled with ``scaler`` (the run's). The
     returned data has no windows (``windows == {}``): use :meth:`TrafficData.latest`.
     """
-    protocol = protocol_of(cfg.dataset, cfg.data is not None)
-    if cfg.data is not None:
-        path = Path(cfg.data)
-        default_target = "flow" if path.suffix.lower() == ".npz" else protocol.target
-        options = ReadOptions(key=cfg.key, target=cfg.target or default_target, start=cfg.start,
-                              step_minutes=cfg.step_minutes or protocol.step_minutes,
-                              ids=str(path.with_suffix(".txt")))
-    else:
-        source = resolve_source(cfg)
-        path, options, protocol = source.data, source.options, source.protocol
+    source = resolve_source(cfg, need_graph=False)
+    path, options, protocol = source.data, source.options, source.protocol
     speeds = read_speeds(path, options=options)
     columns = [str(c) for c in speeds.columns]
     expected = [str(s) for s in sensor_ids]

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import GWNetError, file_error
+from .readers import npy_header
 
 
 # Third-column names of a headered graph CSV (a header is also recognised by from,to).
@@ -283,10 +284,7 @@ def read_distances_csv(path: str | os.PathLike, sensor_ids: list[str] | None = N
 
 def _npy_shape(fh) -> tuple[int, ...]:
     """The shape a ``.npy`` stream's header states (nothing else is read)."""
-    fmt = np.lib.format
-    version = fmt.read_magic(fh)
-    header = fmt.read_array_header_1_0(fh) if version == (1, 0) else fmt.read_array_header_2_0(fh)
-    return tuple(int(v) for v in header[0])
+    return npy_header(fh)[0]
 
 
 def read_adjacency_array(path: str | os.PathLike, sensor_ids: list[str] | None = None,

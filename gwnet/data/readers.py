@@ -49,6 +49,17 @@ class ReadOptions:
 
 
 Reader = Callable[[str, ReadOptions, Any], pd.DataFrame]
+# What a readings array may state it holds before it is read: a crafted header of a few bytes
+# must not make us allocate more (a year of LargeST-CA flow with three features is 3.6 GB).
+MAX_ARRAY_BYTES = 16 * 1024 ** 3
+
+
+def npy_header(fh) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a ``.npy`` stream's header states (nothing else is read)."""
+    fmt = np.lib.format
+    version = fmt.read_magic(fh)
+    header = fmt.read_array_header_1_0(fh) if version == (1, 0) else fmt.read_array_header_2_0(fh)
+    return tuple(int(v) for v in header[0]), np.dtype(header[2])
 
 
 def register_reader(*extensions: str) -> Callable[[Reader], Reader]:
@@ -205,6 +216,12 @@ def read_npz(path: str, options: ReadOptions = ReadOptions(), dtype=np.float32) 
                 key = names[0]
             if key is None:
                 raise file_error(path, f"holds {', '.join(names) or 'no arrays'}; choose the readings with --key")
+            with npz.zip.open(f"{key}.npy") as member:
+                shape, dtype = npy_header(member)
+            stated = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            if stated > MAX_ARRAY_BYTES:
+                raise file_error(path, f"array {key!r} states shape {shape} ({stated / 1024 ** 3:,.0f} GiB), more than "
+                                 f"the {MAX_ARRAY_BYTES // 1024 ** 3} GiB gwnet reads")
             array = npz[key]
     except GWNetError:
         raise

@@ -401,13 +401,9 @@ class Trainer:
                           f"gwnet-train --resume {self.run.root}")
 
     def _has_targets(self, y: torch.Tensor) -> bool:
-        """Whether the batch (all processes' shares of it) has at least one valid target."""
-        count = valid_mask(y, self.cfg.train.null_value).sum()
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(count)
-        return bool(count > 0)
+        """Whether the batch (all processes' shares of it, see the sharded trainer) has at least
+        one valid target."""
+        return bool(valid_mask(y, self.cfg.train.null_value).any())
 
     def _say(self, message: str) -> None:
         """A line about what the run does, on the main process with ``train.progress``."""
