@@ -1,24 +1,39 @@
-"""Speed of Graph WaveNet against a straightforward dense implementation of the same math.
+"""Speed of Graph WaveNet against the reference implementation, and where the time goes.
 
-Three models with the same weights on the same inputs (improved preset, METR-LA graph from
+Models with the same weights on the same inputs (improved preset, METR-LA graph from
 ``../shared`` or a synthetic road-like graph of 207 sensors, batch 64, 12 steps, fp32):
 
 * ``fast``: :class:`gwnet.nn.GWNet` as shipped (sparse CSR fixed supports, Horner graph conv);
+* ``fast bf16``: the same under bf16 autocast (fp32 master weights), as ``--precision bf16``;
+  on a CPU without native bf16 (AVX512-BF16 or AMX) it is emulated and many times slower,
+  so it is left out there unless ``--bf16 on``;
 * ``dense``: the same model with ``graph_conv="dense"`` (only the graph conv differs);
-* ``reference``: ``experiments/reference_gwnet.py``, the reference's structure (Conv2d in
-  NCHW, an einsum per support and power, concatenation, skip convs on the full length).
+* ``reference``: the reference implementation itself (Shleifer et al.'s ``model.py``),
+  loaded at run time from ``../shared/reference/sshleifer-gwnet`` (never copied; see
+  ``shared_reference.py``), whose freshly initialised weights the gwnet models take through
+  gwnet's own checkpoint loader. Without ``../shared`` the baseline is
+  ``experiments/reference_gwnet.py``, a re-implementation of the reference's structure,
+  and the table says so.
 
 It checks that outputs and gradients agree (1e-4 relative), times a training step (forward,
-backward, Adam) and inference, measures the data path (peak memory and batch assembly over
-one epoch of a METR-LA-sized series, in a fresh process) and prints a scaling table of step
-time against nodes and batch size on sparse random road-like graphs (~8 neighbours per node).
-With ``--device cuda`` the timings run in bf16 autocast and report achieved TFLOP/s.
+backward, Adam) and inference with the models interleaved (medians, ratios against the
+reference), profiles one training step of each model by part (``step_profile.py``:
+temporal convolutions and gate, graph-conv propagation, graph-conv projections, skip path,
+batch norm, dropout, optimizer step, rest), measures the data path (peak memory and batch
+assembly over one epoch of a METR-LA-sized series, in a fresh process) and prints a scaling
+table of step time against nodes and batch size on sparse random road-like graphs (~8
+neighbours per node). ``--background-load`` runs the timings while a second process keeps
+one core busy. With ``--device cuda`` the timings run in bf16 autocast and report achieved
+TFLOP/s.
 
     python experiments/benchmark.py [--device cpu|cuda] [--threads 2] [--quick] [--out DIR]
+        [--background-load] [--bf16 auto|on|off] [--skip equal headline profile data scaling]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import csv
 import json
 import statistics
@@ -33,11 +48,14 @@ import scipy.sparse as sp
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import shared_reference  # noqa: E402
 from reference_gwnet import ReferenceGWNet  # noqa: E402
+from step_profile import LABEL, profile_step  # noqa: E402
 
 from gwnet.config import GWNetConfig  # noqa: E402
 from gwnet.data.graph import read_graph  # noqa: E402
 from gwnet.data.supports import build_supports, to_torch  # noqa: E402
+from gwnet.engine.device import native_bf16  # noqa: E402
 from gwnet.nn import GWNet  # noqa: E402
 
 warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
@@ -92,7 +110,8 @@ def make_steps(model, x, y, device, bf16):
         with ctx():
             loss = torch.nn.functional.l1_loss(model(x).float(), y)
         loss.backward()
-        opt.step()
+        with torch.profiler.record_function(LABEL + "optimizer step"):
+            opt.step()
 
     def infer():
         model.eval()
@@ -151,14 +170,55 @@ def flops_of(fn) -> int:
     return counter.get_total_flops()
 
 
+def models(adj, device):
+    """{name: model} sharing one set of weights, the reference's, and the baseline's name."""
+    supports = to_torch(build_supports(adj))
+    real = shared_reference.SharedReference.build(supports)
+    if real is not None:
+        fast = real.as_gwnet()
+        dense = real.as_gwnet(graph_conv="dense")
+        ref, baseline = real, "reference implementation (../shared, Shleifer et al.'s model.py)"
+    else:
+        fast = build(adj, device)
+        dense = build(adj, device, graph_conv="dense")
+        dense.load_state_dict(fast.state_dict())
+        ref = ReferenceGWNet.from_gwnet(fast)
+        baseline = "re-implementation of the reference structure (experiments/reference_gwnet.py; ../shared absent)"
+    out = {"fast": fast, "dense": dense, "reference": ref}
+    return {k: m.to(device) for k, m in out.items()}, baseline
+
+
+def check_reference(adj):
+    """Largest relative difference of ``fast`` to the real reference, outputs and gradients."""
+    supports = to_torch(build_supports(adj))
+    ref = shared_reference.SharedReference.build(supports)
+    if ref is None:
+        return None
+    fast = ref.as_gwnet(dropout=0.0)
+    for conv in ref.model.graph_convs:
+        conv.dropout = 0.0
+    x, _ = inputs(fast.config, 8, "cpu")
+    expected, got = ref(x), fast(x)
+    expected.square().mean().backward()
+    got.square().mean().backward()
+    theirs = dict(ref.model.named_parameters())
+    grad = max(float((fast.adaptive.nodevec1.grad - theirs["nodevec1"].grad).abs().max())
+               / float(theirs["nodevec1"].grad.abs().max()),
+               float((fast.end_conv_1.weight.grad - theirs["end_conv_1.weight"].grad.flatten(1)).abs().max())
+               / float(theirs["end_conv_1.weight"].grad.abs().max()))
+    return dict(model="fast vs reference implementation", train_out=max_rel(got, expected), grad=grad)
+
+
+def want_bf16(args) -> bool:
+    return args.bf16 == "on" or (args.bf16 == "auto" and (args.device == "cuda" or native_bf16()))
+
+
 def headline(adj, args, device, bf16):
-    fast = build(adj, device)
-    dense = build(adj, device, graph_conv="dense")
-    dense.load_state_dict(fast.state_dict())
-    ref = ReferenceGWNet.from_gwnet(fast).to(device)
-    x, y = inputs(fast.config, args.batch, device)
-    steps = {name: make_steps(m, x, y, device, bf16) for name, m in
-             (("fast", fast), ("dense", dense), ("reference", ref))}
+    nets, baseline = models(adj, device)
+    x, y = inputs(nets["fast"].config, args.batch, device)
+    steps = {name: make_steps(m, x, y, device, bf16) for name, m in nets.items()}
+    if device == "cpu" and want_bf16(args):
+        steps["fast bf16"] = make_steps(copy.deepcopy(nets["fast"]), x, y, device, True)
     rows = []
     for kind, index in (("train step", 0), ("inference", 1)):
         fns = {name: s[index] for name, s in steps.items()}
@@ -173,7 +233,39 @@ def headline(adj, args, device, bf16):
                 # the reference's dense FLOPs per second of this model: comparable across models
                 row["ref_equiv_tflop_s"] = flops["reference"] / t[name] / 1e12
             rows.append(row)
+    return rows, baseline
+
+
+def profile(adj, args, device):
+    """Seconds and shares of one training step by part, for each model (fp32, and bf16 for
+    ``fast`` where the CPU has native bf16 or ``--bf16 on``)."""
+    nets, _ = models(adj, device)
+    x, y = inputs(nets["fast"].config, args.batch, device)
+    variants = [(name, m, False) for name, m in nets.items()]
+    if want_bf16(args):
+        variants.insert(1, ("fast bf16", nets["fast"], True))
+    nodes = nets["fast"].config.num_nodes
+    rows = []
+    for name, model, bf16 in variants:
+        train, _ = make_steps(model, x, y, device, bf16 or device == "cuda")
+        parts = profile_step(model, train, nodes, repeats=1 if args.quick else 2)
+        total = sum(parts.values())
+        row = dict(model=name, step_s=total)
+        row.update({p: f"{v:.3f} s ({100 * v / total:.0f}%)" for p, v in parts.items()})
+        rows.append(row)
     return rows
+
+
+class BackgroundLoad:
+    """A second process keeping one core busy while the timings run."""
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
 
 
 DATA_PATH = r"""
@@ -290,7 +382,11 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="benchmark-results")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--skip", nargs="*", default=[], choices=("equal", "headline", "data", "scaling"))
+    p.add_argument("--skip", nargs="*", default=[], choices=("equal", "headline", "profile", "data", "scaling"))
+    p.add_argument("--background-load", action="store_true",
+                   help="time while a second process keeps one core busy")
+    p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                   help="also time fast under bf16 autocast on the CPU (auto: where the CPU has native bf16)")
     args = p.parse_args(argv)
     args.repeats = args.repeats or (2 if args.quick else 5)
     torch.set_num_threads(args.threads)
@@ -299,16 +395,33 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     adj, graph = metr_la_graph()
     print(f"gwnet benchmark: {device}{' bf16 autocast' if bf16 else ' fp32'}, {args.threads} threads, "
-          f"improved preset, {graph}, batch {args.batch}, 12 steps, median of {args.repeats}")
+          f"improved preset, {graph}, batch {args.batch}, 12 steps, median of {args.repeats}"
+          f"{', one core loaded by a second process' if args.background_load else ''}")
+    if device == "cpu":
+        print(f"CPU bf16: {'native' if native_bf16() else 'none native (AVX512-BF16/AMX absent): emulated'}; "
+              f"fast bf16 {'timed' if want_bf16(args) else 'not timed (--bf16 on to time it)'}")
+    load = BackgroundLoad() if args.background_load else contextlib.nullcontext()
     report, headline_rows = [], []
     if "equal" not in args.skip:
         eq = check_equal(adj, "cpu")
         rows = [dict(model=k, **v) for k, v in eq.items()]
+        real = check_reference(adj)
+        if real:
+            rows.append(real)
         report.append(write_table(rows, out / "equality", "Max relative difference to the reference-structured model (fp32, no dropout)"))
         print(report[-1])
     if "headline" not in args.skip:
-        rows = headline_rows = headline(adj, args, device, bf16)
-        report.append(write_table(rows, out / "headline", f"Training step and inference, batch {args.batch}"))
+        with load:
+            rows, baseline = headline(adj, args, device, bf16)
+        headline_rows = rows
+        report.append(write_table(rows, out / "headline", f"Training step and inference, batch {args.batch}; "
+                                                           f"reference = {baseline}"))
+        print(report[-1])
+    if "profile" not in args.skip:
+        with load:
+            rows = profile(adj, args, device)
+        report.append(write_table(rows, out / "profile", f"One training step by part (batch {args.batch}, "
+                                                         "self time of every operator, forward and backward)"))
         print(report[-1])
     if "data" not in args.skip:
         d = data_path(args)

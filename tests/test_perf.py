@@ -98,3 +98,81 @@ def test_horner_kernel_matches_block_by_block_products():
     expected = torch.autograd.grad(out_b.square().sum(), weights)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+shared_reference = _load("shared_reference")
+step_profile = _load("step_profile")
+
+
+@pytest.mark.skipif(not shared_reference.available(), reason="../shared/reference absent")
+def test_benchmark_baseline_is_the_real_reference_with_our_weights():
+    """The benchmark's baseline is the reference implementation itself, and the gwnet model it
+    is timed against holds its weights (through gwnet's checkpoint loader) and computes the
+    same function: outputs and every gradient."""
+    ref = shared_reference.SharedReference.build(_graph(), seed=3)
+    assert type(ref.model).__module__ == "sshleifer_gwnet_model"
+    model = ref.as_gwnet(dropout=0.0)
+    for conv in ref.model.graph_convs:
+        conv.dropout = 0.0
+    x = torch.randn(3, 12, NODES, 2)
+    out, expected = model(x), ref(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    theirs = {n: p.grad for n, p in ref.model.named_parameters() if p.grad is not None}
+    # The reference's temporal convolutions are separate filter and gate convolutions;
+    # gwnet's hold both, filter rows first.
+    for i, layer in enumerate(model.layers):
+        both = torch.cat([theirs[f"filter_convs.{i}.weight"], theirs[f"gate_convs.{i}.weight"]])
+        torch.testing.assert_close(layer.temporal.weight.grad, both.flatten(1, 2), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.adaptive.nodevec1.grad, theirs["nodevec1"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.end_conv_1.weight.grad, theirs["end_conv_1.weight"].flatten(1),
+                               rtol=1e-4, atol=1e-6)
+
+
+def _profiled(model, nodes):
+    x = torch.randn(4, 12, nodes, 2)
+    y = torch.randn(4, 12, nodes)
+    opt = torch.optim.Adam(model.parameters())
+
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.l1_loss(model(x), y).backward()
+        with torch.profiler.record_function(step_profile.LABEL + "optimizer step"):
+            opt.step()
+    return step_profile.profile_step(model, step, nodes, repeats=1)
+
+
+@pytest.mark.parametrize("which", ["fast", "dense", "reference"])
+def test_step_profile_puts_each_part_where_it_belongs(which):
+    torch.manual_seed(0)
+    model = GWNet(GWNetConfig.improved(num_nodes=NODES, graph_conv="dense" if which == "dense" else "fast"),
+                  _graph())
+    if which == "reference":
+        if not shared_reference.available():
+            pytest.skip("../shared/reference absent")
+        model = shared_reference.SharedReference.build(_graph())
+    parts = _profiled(model, NODES)
+    assert list(parts) == list(step_profile.PARTS)
+    # Every part the model has shows up; what is left over is small.
+    for part in ("temporal conv + gate", "graph conv: propagation", "graph conv: projections",
+                 "skip path", "batch norm", "dropout", "start/end convs", "optimizer step"):
+        assert parts[part] > 0, part
+    assert parts["rest"] < 0.35 * sum(parts.values())
+
+
+def test_step_profile_backward_follows_its_forward():
+    """A backward GEMM is charged to the part whose forward recorded it: with the graph
+    convolutions' modules unlabelled, their time (forward and backward) moves to rest."""
+    torch.manual_seed(0)
+    model = GWNet(GWNetConfig.improved(num_nodes=NODES, dropout=0.0), _graph())
+    full = _profiled(model, NODES)
+    x = torch.randn(4, 12, NODES, 2)
+    y = torch.randn(4, 12, NODES)
+
+    def step():
+        torch.nn.functional.l1_loss(model(x), y).backward()
+    no_graph = step_profile.profile_step(
+        model, step, NODES, part_of=lambda n: None if "graph_conv" in n else step_profile.gwnet_part(n))
+    assert full["graph conv: projections"] > 0 and no_graph["graph conv: projections"] == 0
+    assert no_graph["graph conv: propagation"] == 0

@@ -37,7 +37,7 @@ from ..errors import GWNetError, file_error
 from ..models import build_model_from_config, model_spec
 from ..nn import load_for_more_horizons
 from .checkpoint import RunDir, RunLock, load_checkpoint, save_checkpoint
-from .device import autocast, resolve_device
+from .device import autocast, check_precision, resolve_device
 from .inference import split_metrics
 from .listeners import EpochListener, announce, make_listeners
 from .metrics import MetricAccumulator, masked_mae, valid_mask
@@ -132,6 +132,7 @@ class Trainer:
     def _set_up(self, cfg: Config, model: torch.nn.Module | None, loss_fn: LossFn, resume: bool,
                 listeners: Sequence[EpochListener]) -> None:
         self.device = resolve_device(cfg.train.device)
+        check_precision(self.device, cfg.train.precision)
         model = model if model is not None else build_model(cfg, self.data)
         self._check_memory(model)
         model = model.to(self.device)
