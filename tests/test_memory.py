@@ -95,6 +95,8 @@ def test_memmapped_series_is_one_cache_file_equal_to_the_in_memory_series(tiny_d
     cfg = tiny_config(tiny_dataset, tmp_path / "run")
     plain = load_data(cfg.data)
     assert not plain.series.memmapped and not cache.exists()  # small data: as before
+    # In memory too, the readings are held once: the table is a view of the series.
+    assert np.shares_memory(plain.speeds.to_numpy(), plain.series.speeds.numpy())
     first, second = load_data(cfg.data, memmap=True), load_data(cfg.data, memmap=True)
     files = sorted(cache.glob("series-*.npy"))
     assert len(files) == 1

@@ -181,9 +181,11 @@ class TrafficData:
         big = speeds.shape[0] * speeds.shape[1] * 4 >= MEMMAP_AUTO_BYTES
         mapped = series_key is not None and (memmap or (memmap is None and big))
         series = build_series(speeds, cfg, cache=cache_root() if mapped else None, key=series_key)
-        if series.memmapped and (speeds.dtypes == series.mapped.dtype).all():
-            # The table becomes a view of the same map: the readings are held once, in the page cache.
-            speeds = pd.DataFrame(series.mapped, index=speeds.index, columns=speeds.columns, copy=False)
+        values = series.speeds.numpy()
+        if (speeds.dtypes == values.dtype).all():
+            # The table becomes a view of the series: the readings are held once (in the page
+            # cache when mapped), not once in the table and again in the series.
+            speeds = pd.DataFrame(values, index=speeds.index, columns=speeds.columns, copy=False)
         windows, scaler = make_splits(series, speeds.index, cfg, source, scaler)
         return cls(speeds, graph, cfg, series, windows, scaler, source, protocol)
 
