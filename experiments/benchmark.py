@@ -173,7 +173,7 @@ def flops_of(fn) -> int:
 def models(adj, device):
     """{name: model} sharing one set of weights, the reference's, and the baseline's name."""
     supports = to_torch(build_supports(adj))
-    real = shared_reference.SharedReference.build(supports)
+    real = shared_reference.SharedReference.build(supports, device=device)
     if real is not None:
         fast = real.as_gwnet()
         dense = real.as_gwnet(graph_conv="dense")

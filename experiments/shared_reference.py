@@ -49,23 +49,25 @@ class SharedReference(nn.Module):
     def __init__(self, model: nn.Module, supports: Sequence[Tensor]) -> None:
         super().__init__()
         self.model = model
-        self.supports = list(supports)
+        self.supports = list(supports)  # on the CPU, for as_gwnet
 
     @classmethod
-    def build(cls, supports: Sequence[Tensor], seed: int = 0, **change) -> Optional["SharedReference"]:
+    def build(cls, supports: Sequence[Tensor], seed: int = 0, device: str = "cpu",
+              **change) -> Optional["SharedReference"]:
         """The improved model over dense ``supports`` (e.g. the two ``doubletransition``
-        matrices), initialised by the reference's own code from ``seed``."""
+        matrices), initialised by the reference's own code from ``seed``, on ``device`` (the
+        reference keeps its supports in a plain list, which ``.to()`` would not move)."""
         if not available():
             return None
         module = _import_model()
-        dense = [s.to_dense() if s.layout != torch.strided else s for s in supports]
+        dense = [(s.to_dense() if s.layout != torch.strided else s).cpu() for s in supports]
         kwargs = dict(do_graph_conv=True, addaptadj=True, aptinit=None, in_dim=2, out_dim=12,
                       residual_channels=40, dilation_channels=40, skip_channels=320,
                       end_channels=640, cat_feat_gc=True)
         kwargs.update(change)
         torch.manual_seed(seed)
-        model = module.GWNet("cpu", dense[0].shape[0], supports=dense, **kwargs)
-        return cls(model, dense)
+        model = module.GWNet("cpu", dense[0].shape[0], supports=[s.to(device) for s in dense], **kwargs)
+        return cls(model.to(device), dense)
 
     def forward(self, x: Tensor) -> Tensor:
         # (B, L, N, F) -> (B, F, N, L), left-padded by one step as the reference's engine does.
@@ -79,7 +81,7 @@ class SharedReference(nn.Module):
         fd, path = tempfile.mkstemp(suffix=".pth")
         os.close(fd)
         try:
-            torch.save(self.model.state_dict(), path)
+            torch.save({k: v.cpu() for k, v in self.model.state_dict().items()}, path)
             # Untrained weights cannot say whether graph convolution is on: it is.
             overrides.setdefault("do_graph_conv", True)
             return load_reference_checkpoint(path, supports=self.supports, **overrides).train()
