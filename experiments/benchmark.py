@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import csv
 import json
 import statistics
@@ -170,21 +169,27 @@ def flops_of(fn) -> int:
     return counter.get_total_flops()
 
 
-def models(adj, device):
-    """{name: model} sharing one set of weights, the reference's, and the baseline's name."""
+def models(adj, device, bf16_copy=False):
+    """{name: model} sharing one set of weights, the reference's, and the baseline's name.
+    With ``bf16_copy``, also ``fast bf16``: a second copy of ``fast`` to run under autocast."""
     supports = to_torch(build_supports(adj))
     real = shared_reference.SharedReference.build(supports, device=device)
     if real is not None:
-        fast = real.as_gwnet()
-        dense = real.as_gwnet(graph_conv="dense")
+        def gwnet_copy(**change):
+            return real.as_gwnet(**change)
         ref, baseline = real, "reference implementation (../shared, Shleifer et al.'s model.py)"
     else:
-        fast = build(adj, device)
-        dense = build(adj, device, graph_conv="dense")
-        dense.load_state_dict(fast.state_dict())
-        ref = ReferenceGWNet.from_gwnet(fast)
+        first = build(adj, device)
+
+        def gwnet_copy(**change):
+            model = build(adj, device, **change)
+            model.load_state_dict(first.state_dict())
+            return model
+        ref = ReferenceGWNet.from_gwnet(first)
         baseline = "re-implementation of the reference structure (experiments/reference_gwnet.py; ../shared absent)"
-    out = {"fast": fast, "dense": dense, "reference": ref}
+    out = {"fast": gwnet_copy(), "dense": gwnet_copy(graph_conv="dense"), "reference": ref}
+    if bf16_copy:
+        out["fast bf16"] = gwnet_copy()
     return {k: m.to(device) for k, m in out.items()}, baseline
 
 
@@ -214,11 +219,9 @@ def want_bf16(args) -> bool:
 
 
 def headline(adj, args, device, bf16):
-    nets, baseline = models(adj, device)
+    nets, baseline = models(adj, device, bf16_copy=device == "cpu" and want_bf16(args))
     x, y = inputs(nets["fast"].config, args.batch, device)
-    steps = {name: make_steps(m, x, y, device, bf16) for name, m in nets.items()}
-    if device == "cpu" and want_bf16(args):
-        steps["fast bf16"] = make_steps(copy.deepcopy(nets["fast"]), x, y, device, True)
+    steps = {name: make_steps(m, x, y, device, bf16 or name == "fast bf16") for name, m in nets.items()}
     rows = []
     for kind, index in (("train step", 0), ("inference", 1)):
         fns = {name: s[index] for name, s in steps.items()}
@@ -239,11 +242,9 @@ def headline(adj, args, device, bf16):
 def profile(adj, args, device):
     """Seconds and shares of one training step by part, for each model (fp32, and bf16 for
     ``fast`` where the CPU has native bf16 or ``--bf16 on``)."""
-    nets, _ = models(adj, device)
+    nets, _ = models(adj, device, bf16_copy=want_bf16(args))
     x, y = inputs(nets["fast"].config, args.batch, device)
-    variants = [(name, m, False) for name, m in nets.items()]
-    if want_bf16(args):
-        variants.insert(1, ("fast bf16", nets["fast"], True))
+    variants = [(name, m, name == "fast bf16") for name, m in nets.items()]
     nodes = nets["fast"].config.num_nodes
     rows = []
     for name, model, bf16 in variants:

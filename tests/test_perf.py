@@ -176,3 +176,23 @@ def test_step_profile_backward_follows_its_forward():
         model, step, NODES, part_of=lambda n: None if "graph_conv" in n else step_profile.gwnet_part(n))
     assert full["graph conv: projections"] > 0 and no_graph["graph conv: projections"] == 0
     assert no_graph["graph conv: propagation"] == 0
+
+
+def test_benchmark_runs_end_to_end_and_writes_its_tables(tmp_path, capsys):
+    """The benchmark's own command at the smallest size: every table written, the baseline
+    named, the ratios computed against it (figures are not checked: they are machine-bound)."""
+    benchmark = _load("benchmark")
+    benchmark.main(["--quick", "--batch", "2", "--repeats", "1", "--threads", "1", "--skip", "data",
+                    "scaling", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    for table in ("equality", "headline", "profile"):
+        assert (tmp_path / f"{table}.csv").exists() and (tmp_path / f"{table}.md").exists()
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "headline.csv")))
+    assert {r["model"] for r in rows} >= {"fast", "dense", "reference"}
+    ref_rows = [r for r in rows if r["model"] == "reference"]
+    assert all(float(r["vs_reference"]) == 1.0 for r in ref_rows)
+    expected = "reference implementation (../shared" if shared_reference.available() else "re-implementation"
+    assert expected in printed
+    profile = list(csv.DictReader(open(tmp_path / "profile.csv")))
+    assert [r["model"] for r in profile][:3] == ["fast", "dense", "reference"]
