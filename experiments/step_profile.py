@@ -1,6 +1,6 @@
 """Where a training step's time goes, grouped by the parts of Graph WaveNet.
 
-``profile_step(model, step, categorise)`` runs ``step`` under ``torch.profiler`` with each
+``profile_step(model, step, nodes)`` runs ``step`` under ``torch.profiler`` with each
 module's forward wrapped in a ``record_function`` range named after its part (forward hooks,
 so neither our model nor the reference needs changing). Every operator's own time (self CPU
 time, so nothing is counted twice) goes to one part:
@@ -8,12 +8,14 @@ time, so nothing is counted twice) goes to one part:
 * forward: the part of the innermost labelled module around it;
 * backward: the part of the forward operator that recorded the autograd node (matched by
   the autograd sequence number), so a backward GEMM lands where its forward GEMM was;
-* whatever the operator, a few kinds go to their own part: dropout (``rand``/``bernoulli``
-  and the mask arithmetic inside a graph convolution's dropout), batch norm, and inside a
-  graph convolution the propagation (an operand of the adjacency's ``N x N`` shape or a
-  sparse one, with everything called under it) versus the projections (the rest);
-* the optimizer step is labelled by the caller; the rest (loss, the gate arithmetic the
-  reference does outside its modules, autograd bookkeeping) is ``rest``.
+* whatever the operator, a few kinds go to their own part: dropout (drawing and
+  thresholding the mask: ``rand``/``bernoulli``/``ge``; the product with the mask stays with
+  the part around it), batch norm, ``tanh``/``sigmoid`` (to the temporal part: the reference
+  gates outside its modules), and inside a graph convolution the propagation (an operand of
+  the adjacency's ``N x N`` shape or a sparse one, with everything called under it) versus
+  the projections (the rest);
+* the optimizer step is labelled by the caller; the rest (loss, the reference's gate
+  product, autograd bookkeeping) is ``rest``.
 """
 from __future__ import annotations
 
@@ -35,7 +37,6 @@ _BN_OPS = ("aten::batch_norm", "aten::native_batch_norm", "aten::_batch_norm_imp
 
 def gwnet_part(name: str) -> Optional[str]:
     """Parts of :class:`gwnet.nn.GWNet` and of the reference ``GWNet`` by module name."""
-    leaf = name.rsplit(".", 2)
     if any(k in name for k in ("temporal", "filter_convs", "gate_convs")):
         return "temporal conv + gate"
     if "graph_conv" in name:
@@ -46,7 +47,7 @@ def gwnet_part(name: str) -> Optional[str]:
         return "batch norm"
     if any(k in name for k in ("start_conv", "cat_feature_conv", "end_conv")):
         return "start/end convs"
-    if leaf[-1] == "residual":
+    if name.rsplit(".", 1)[-1] == "residual":  # the 1x1 convolution that replaces graph conv
         return "graph conv: projections"
     return None
 
@@ -75,6 +76,11 @@ def _ancestors(event: FunctionEvent):
         e = e.cpu_parent
 
 
+def _label(events) -> Optional[str]:
+    """The part named by the innermost label range among ``events`` (innermost first)."""
+    return next((a.name[len(LABEL):] for a in events if a.name.startswith(LABEL)), None)
+
+
 def _shapes(shapes):
     for s in shapes or []:
         if isinstance(s, (list, tuple)) and s and isinstance(s[0], (list, tuple)):
@@ -98,13 +104,10 @@ def _op_part(event: FunctionEvent, label: Optional[str], nodes: int) -> str:
         return "batch norm"
     if any(n in ("aten::tanh", "aten::sigmoid") for n in names):
         return "temporal conv + gate"  # the reference gates outside its modules
-    if label == "graph conv: projections" or label == "dropout":
-        if any(n in _DROPOUT_OPS for n in names) or label == "dropout":
-            return "dropout"
-        if any(_is_propagation(e, nodes) for e in chain):
-            return "graph conv: propagation"
-    elif any(n in _DROPOUT_OPS for n in names):
+    if any(n in _DROPOUT_OPS for n in names):
         return "dropout"
+    if label == "graph conv: projections" and any(_is_propagation(e, nodes) for e in chain):
+        return "graph conv: propagation"
     return label or "rest"
 
 
@@ -124,18 +127,16 @@ def profile_step(model: nn.Module, step: Callable[[], None], nodes: int,
     events = list(prof.events())
     forward_part: dict[int, str] = {}
     for e in events:
-        if e.sequence_nr < 0 or e.name.startswith(LABEL) or e.name.startswith("autograd::"):
+        if (e.sequence_nr < 0 or e.sequence_nr in forward_part or e.name.startswith(LABEL)
+                or e.name.startswith("autograd::")):
             continue
-        label = next((a.name[len(LABEL):] for a in _ancestors(e) if a.name.startswith(LABEL)), None)
-        if e.sequence_nr in forward_part:
-            continue
-        forward_part[e.sequence_nr] = _op_part(e, label, nodes)
+        forward_part[e.sequence_nr] = _op_part(e, _label(_ancestors(e)), nodes)
     seconds: dict[str, float] = defaultdict(float)
     for e in events:
         if e.name.startswith(LABEL):
             continue
         ancestors = list(_ancestors(e))
-        label = next((a.name[len(LABEL):] for a in ancestors if a.name.startswith(LABEL)), None)
+        label = _label(ancestors)
         backward = next((a for a in [e] + ancestors
                          if a.name.startswith("autograd::engine::evaluate_function")), None)
         if label is not None:
