@@ -28,6 +28,7 @@ TFLOP/s.
 
     python experiments/benchmark.py [--device cpu|cuda] [--threads 2] [--quick] [--out DIR]
         [--background-load] [--bf16 auto|on|off] [--skip equal headline profile data scaling]
+        [--overwrite]
 """
 from __future__ import annotations
 
@@ -215,11 +216,13 @@ def check_reference(adj):
 
 
 def want_bf16(args) -> bool:
-    return args.bf16 == "on" or (args.bf16 == "auto" and (args.device == "cuda" or native_bf16()))
+    """Whether ``fast bf16`` is timed beside the fp32 models: on the CPU only (on CUDA every
+    model runs under bf16 autocast), where the CPU has native bf16 or ``--bf16 on``."""
+    return args.device == "cpu" and (args.bf16 == "on" or (args.bf16 == "auto" and native_bf16()))
 
 
 def headline(adj, args, device, bf16):
-    nets, baseline = models(adj, device, bf16_copy=device == "cpu" and want_bf16(args))
+    nets, baseline = models(adj, device, bf16_copy=want_bf16(args))
     x, y = inputs(nets["fast"].config, args.batch, device)
     steps = {name: make_steps(m, x, y, device, bf16 or name == "fast bf16") for name, m in nets.items()}
     rows = []
@@ -244,11 +247,10 @@ def profile(adj, args, device):
     ``fast`` where the CPU has native bf16 or ``--bf16 on``)."""
     nets, _ = models(adj, device, bf16_copy=want_bf16(args))
     x, y = inputs(nets["fast"].config, args.batch, device)
-    variants = [(name, m, name == "fast bf16") for name, m in nets.items()]
     nodes = nets["fast"].config.num_nodes
     rows = []
-    for name, model, bf16 in variants:
-        train, _ = make_steps(model, x, y, device, bf16 or device == "cuda")
+    for name, model in nets.items():
+        train, _ = make_steps(model, x, y, device, name == "fast bf16" or device == "cuda")
         parts = profile_step(model, train, nodes, repeats=1 if args.quick else 2)
         total = sum(parts.values())
         row = dict(model=name, step_s=total)
@@ -386,6 +388,7 @@ def main(argv=None) -> None:
     p.add_argument("--skip", nargs="*", default=[], choices=("equal", "headline", "profile", "data", "scaling"))
     p.add_argument("--background-load", action="store_true",
                    help="time while a second process keeps one core busy")
+    p.add_argument("--overwrite", action="store_true", help="replace the tables of an earlier run in --out")
     p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                    help="also time fast under bf16 autocast on the CPU (auto: where the CPU has native bf16)")
     args = p.parse_args(argv)
@@ -393,6 +396,12 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     device, bf16 = args.device, args.device == "cuda"
     out = Path(args.out)
+    tables = ("equality", "headline", "profile", "data_path", "scaling")
+    earlier = [f for f in [out / "benchmark.md"] + [out / f"{t}.{ext}" for t in tables for ext in ("csv", "md")]
+               if f.exists()]
+    if earlier and not args.overwrite:
+        print(f"benchmark.py: error: {earlier[0]} exists; pass --overwrite to replace it", file=sys.stderr)
+        sys.exit(2)
     out.mkdir(parents=True, exist_ok=True)
     adj, graph = metr_la_graph()
     print(f"gwnet benchmark: {device}{' bf16 autocast' if bf16 else ' fp32'}, {args.threads} threads, "

@@ -10,6 +10,7 @@ anonymous memory should not hold the series, while without ``--memmap`` each hol
 The training MAE of the epoch must match the single process's (dropout 0, same batches).
 
     python experiments/shared_series.py [--nodes 2000] [--days 60] [--batches 2] [--out DIR] [--overwrite]
+        [--modes memmap in_memory one_process]
 
 Memory figures are medians over the second half of each worker's samples (steady training
 and evaluation: the pandas frame the reader builds first is gone by then) and peaks.
@@ -104,8 +105,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     out = Path(args.out)
     summary_file = out / "summary.json"
-    if summary_file.exists() and not args.overwrite:
-        sys.exit(f"{summary_file} exists: pass --overwrite to replace it")
+    earlier = [f for f in [summary_file] + [out / f"run-{m}" for m in args.modes] if f.exists()]
+    if earlier and not args.overwrite:
+        print(f"shared_series.py: error: {earlier[0]} exists; pass --overwrite to replace it", file=sys.stderr)
+        sys.exit(2)
     from gwnet.data import synthetic
 
     data = out / "data"

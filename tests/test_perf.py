@@ -196,3 +196,10 @@ def test_benchmark_runs_end_to_end_and_writes_its_tables(tmp_path, capsys):
     assert expected in printed
     profile = list(csv.DictReader(open(tmp_path / "profile.csv")))
     assert [r["model"] for r in profile][:3] == ["fast", "dense", "reference"]
+    # A second run over the same tables is refused in one line unless --overwrite.
+    before = (tmp_path / "headline.csv").read_bytes()
+    with pytest.raises(SystemExit) as stop:
+        benchmark.main(["--quick", "--skip", "equal", "headline", "profile", "data", "scaling",
+                        "--out", str(tmp_path)])
+    assert stop.value.code == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "headline.csv").read_bytes() == before

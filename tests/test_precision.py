@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from gwnet.config import GWNetConfig
 from gwnet.engine import device as device_module
-from gwnet.engine import train
+from gwnet.engine import load_trained, train
 from gwnet.nn import GWNet
 
 from test_train import tiny_config
@@ -93,3 +93,6 @@ def test_training_in_bf16_on_cpu_runs_and_warns_where_emulated(tiny_dataset, tmp
     with pytest.warns(UserWarning, match="emulated"):
         result = train(cfg)
     assert torch.isfinite(torch.tensor(result.test_metrics.loc["mean", "mae"]))
+    # Its forecasts run in bf16 too: loading the run for prediction says so as well.
+    with pytest.warns(UserWarning, match="emulated"):
+        load_trained(result.run_dir)

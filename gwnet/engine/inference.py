@@ -19,7 +19,7 @@ from ..data.windows import Windows
 from ..errors import GWNetError, file_error
 from ..models import build_model_from_config
 from .checkpoint import RunDir, load_checkpoint
-from .device import autocast, resolve_device
+from .device import autocast, check_precision, resolve_device
 from .metrics import MetricAccumulator
 
 
@@ -84,6 +84,8 @@ def load_trained(run_dir: str | Path,
     except RuntimeError as exc:
         reason = " ".join(str(exc).split())[:200]
         raise file_error(rd.best, f"weights do not fit the {cfg.arch} model its config describes: {reason}") from None
+    device = resolve_device(device)
+    check_precision(device, cfg.train.precision)  # its forecasts run in the run's precision
     return model.to(device).eval(), cfg, scaler, sensor_ids
 
 
