@@ -10,7 +10,7 @@ skipped and marked. "largest batch in 16 GB" is read off gwnet's memory estimate
 the interpreter and torch: about 0.5 GB), not searched by trial.
 
     python experiments/large_graph.py [--sizes 207 1000 2000 4000 8600] [--threads 2]
-        [--batch 4] [--checkpointing] [--budget 600] [--out DIR] [--overwrite] [--halo-only]
+        [--batch 4] [--checkpointing] [--malloc auto|reuse|system] [--budget 600] [--out DIR] [--overwrite] [--halo-only]
 
 The halo: the graph is split into 2, 4 and 8 parts of contiguous sensors (recursive
 bisection along the longer geographic axis, from the layout's ``*_meta.csv``); a part's
@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from gwnet.config import MALLOC_POLICIES
 
 warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
 warnings.filterwarnings("ignore", "Sparse invariant checks are implicitly disabled")
@@ -60,14 +62,16 @@ def supports(nodes: int, root: Path) -> list[sp.csr_matrix]:
 
 # --- one cell, in its own process --------------------------------------------------------
 def cell(nodes: int, variant: str, batch: int, threads: int, root: Path, repeats: int,
-         checkpointing: bool = False) -> dict:
+         checkpointing: bool = False, malloc: str = "auto") -> dict:
     import torch
 
     from gwnet.config import GWNetConfig
+    from gwnet.engine.allocator import apply_policy
     from gwnet.data.supports import to_torch
     from gwnet.nn import GWNet
 
     torch.set_num_threads(threads)
+    reuse = apply_policy(malloc, torch.device("cpu"), checkpointing)  # as gwnet-train --malloc does
     sup = supports(nodes, root)
     options = {"addaptadj": variant != "none"}
     if variant not in ("none", "dense"):
@@ -105,7 +109,8 @@ def cell(nodes: int, variant: str, batch: int, threads: int, root: Path, repeats
         timings[name] = float(np.median(seconds))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     edges = sum(s.nnz for s in sup) / len(sup) / nodes
-    return {"nodes": nodes, "variant": variant, "batch": batch, "checkpointing": checkpointing, **timings,
+    return {"nodes": nodes, "variant": variant, "batch": batch, "checkpointing": checkpointing,
+            "heap_reuse": reuse, **timings,
             "peak_rss_gb": peak / GIB,
             "edges_per_node": edges, "params": sum(p.numel() for p in model.parameters())}
 
@@ -130,6 +135,7 @@ def run_cell(args, nodes: int, variant: str) -> dict:
                "--threads", str(args.threads), "--root", str(args.root), "--repeats", str(args.repeats)]
     if args.checkpointing:
         command.append("--checkpointing")
+    command += ["--malloc", args.malloc]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         return {"nodes": nodes, "variant": variant, "error": done.stderr.strip().splitlines()[-1:]}
@@ -194,11 +200,13 @@ def main() -> int:
     parser.add_argument("--halo-only", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="replace the tables of an earlier run in --out")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
+    parser.add_argument("--malloc", choices=MALLOC_POLICIES, default="auto",
+                        help="CPU heap policy, as gwnet-train --malloc (auto: reuse unless --checkpointing)")
     parser.add_argument("--cell", nargs=2, metavar=("NODES", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:
         print(json.dumps(cell(int(args.cell[0]), args.cell[1], args.batch, args.threads, args.root,
-                              args.repeats, args.checkpointing)))
+                              args.repeats, args.checkpointing, args.malloc)))
         return 0
     outputs = [args.out / name for name in ("large_graph_halo.csv", "large_graph.csv", "large_graph.md")]
     earlier = [p for p in outputs if p.exists()]

@@ -8,6 +8,8 @@ samples every worker's ``/proc/PID/status`` (anonymous and file-backed resident 
 With the series memory-mapped, its pages are file-backed and shared: each process's
 anonymous memory should not hold the series, while without ``--memmap`` each holds a copy.
 The training MAE of the epoch must match the single process's (dropout 0, same batches).
+The runs use ``--malloc system`` (glibc's default heap), so that resident memory follows
+what each process holds, not freed blocks kept for reuse.
 
     python experiments/shared_series.py [--nodes 2000] [--days 60] [--batches 2] [--out DIR] [--overwrite]
         [--modes memmap in_memory one_process]
@@ -117,7 +119,10 @@ def main(argv=None) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GWNET_CACHE": str(out / "cache")}
     common = ["--dataset", str(data), "--epochs", "1", "--batches-per-epoch", str(args.batches),
               "--batch-size", str(args.batch), "--dropout", "0", "--train-ratio", "0.99",
-              "--test-ratio", "0.005", "--no-progress", "--seed", "0"]
+              "--test-ratio", "0.005", "--no-progress", "--seed", "0",
+              # glibc's own heap policy, so that resident memory follows what the processes
+              # hold rather than the blocks gwnet-train's default keeps for reuse
+              "--malloc", "system"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "gwnet", "train", "--fsdp"]
     result = dict(nodes=args.nodes, days=args.days, series_MB=round(args.nodes * args.days * 288 * 4 / 2**20))

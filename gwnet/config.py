@@ -41,6 +41,8 @@ from .registry import LOGGERS, PRESETS
 
 ADJTYPES = ("transition", "doubletransition", "symnadj", "scalap", "normlap", "identity")
 ROLES = ("source", "window", "horizon", "derived", "output", "regularization", "kernel", "runtime")
+# How the CPU heap treats freed memory (gwnet.engine.allocator).
+MALLOC_POLICIES = ("auto", "reuse", "system")
 # DCRNN's chronological split (train, test shares of the windows), for data with no protocol.
 DCRNN_SPLIT = (0.7, 0.2)
 # Roles of fields a user never sets: they follow from the data.
@@ -335,6 +337,10 @@ class TrainConfig:
     memory_limit_gb: Optional[float] = opt(None, "refuse to train when the memory estimate exceeds this many GB "
                                            "(none: the available memory, MemAvailable or free GPU memory)",
                                            role="runtime")
+    malloc: str = opt("auto", "CPU heap: reuse keeps freed memory for the next step (no page faults on "
+                      "activations above 32 MiB: large graphs train faster; RSS stays at its peak), system "
+                      "leaves glibc's default; auto: reuse on CPU without activation checkpointing",
+                      MALLOC_POLICIES, role="runtime")
 
     def loggers(self) -> list[str]:
         """The extra epoch loggers ``log`` names (console lines and metrics.csv are always kept)."""

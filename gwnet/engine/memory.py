@@ -100,7 +100,8 @@ def gwnet_activation_elements(cfg, num_nodes: int, batch_size: int, steps: Optio
     With :math:`P_i = N B L'_i` positions after layer :math:`i`'s temporal convolution
     (:math:`L'_i = L_i - (k-1)d_i`), a layer keeps
 
-    * its :math:`k` time-shifted inputs, copied for the tap GEMMs: :math:`k C_r P_i`;
+    * its input, which the temporal convolution keeps (a view of the previous layer's
+      output, held for backward only by it): :math:`C_r N B L_i`;
     * the outputs of tanh and sigmoid and their product (the graph convolution's input):
       :math:`3 C_d P_i`;
     * unless it is the last layer: the graph convolution's Horner partials for each support
@@ -139,7 +140,7 @@ def gwnet_activation_elements(cfg, num_nodes: int, batch_size: int, steps: Optio
         last = i == depth - 1
         out_len = length - (c.kernel_size - 1) * 2 ** (i % c.layers)
         p = n * b * out_len
-        layer = c.kernel_size * c.residual_channels * p + 3 * c.dilation_channels * p
+        layer = c.residual_channels * n * b * length + 3 * c.dilation_channels * p
         if not last:
             layer += (grad_supports * c.order + (c.dropout > 0) + 1) * c.residual_channels * p
         if not checkpointing:  # measured: with recomputation the freed saved tensors make room
