@@ -96,6 +96,22 @@ def _transposed(support: Tensor) -> Tensor:
         return support.t().to_sparse_csr()
 
 
+def _project(x2: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x2 @ weight.T (+ bias)`` for ``(rows, C_in)`` ``x2``, as a new ``(rows, C_out)`` tensor.
+
+    On CPU as a 1x1 convolution over a channels-last view (no copy of ``x2``): oneDNN runs
+    these skinny products (C_in, C_out of a few dozen, hundreds of thousands of rows) about
+    1.5x faster than the BLAS GEMM. Products that accumulate into an existing buffer stay
+    GEMMs (``addmm_``): a convolution plus an addition loses that margin.
+    """
+    if x2.device.type != "cpu":
+        return x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+    rows, cin = x2.shape
+    out = F.conv2d(x2.view(1, rows, 1, cin).permute(0, 3, 1, 2),
+                   weight.contiguous()[:, :, None, None], bias)
+    return out.permute(0, 2, 3, 1).reshape(rows, -1)
+
+
 def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Inverted dropout with a mask from ``rand_like`` (multi-threaded on CPU), about half
     the cost of ``F.dropout``'s single-threaded ``bernoulli_``; same distribution."""
@@ -129,13 +145,13 @@ class _HornerGraphConv(torch.autograd.Function):
                 *supports: Tensor) -> Tensor:
         cin = x2.size(1)
         blocks = weight.split(cin, dim=1)
-        out = torch.addmm(bias, x2, blocks[0].t())
+        out = _project(x2, blocks[0], bias)
         acc = out.view(nodes, -1)
         saved: list[Tensor] = []
         for s, support in enumerate(supports):
             at = _transposed(support)
             first = 1 + s * order
-            z = x2 @ blocks[first + order - 1].t()
+            z = _project(x2, blocks[first + order - 1])
             partial = [z]
             for k in range(order - 2, -1, -1):
                 z = (at @ z.view(nodes, -1)).view(-1, z.size(1))
@@ -158,7 +174,7 @@ class _HornerGraphConv(torch.autograd.Function):
         grad = grad.contiguous()
         blocks = weight.split(cin, dim=1)
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
-        dx = grad @ blocks[0] if want_x else None
+        dx = _project(grad, blocks[0].t()) if want_x else None
         dw = torch.empty_like(weight) if want_w else None
         if want_w:
             torch.mm(grad.t(), x2, out=dw[:, :cin])

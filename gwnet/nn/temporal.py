@@ -49,13 +49,17 @@ class GatedTemporalConv(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        # All taps in one convolution over a (nodes, channels, time, batch) view whose memory
-        # is the node-major, channels-last input: no copy in, and the output's memory is
-        # (nodes, time', batch, 2 C_out) again. On CPU this runs in oneDNN, whose kernels
+        # Each tap set in one convolution over a (nodes, channels, time, batch) view whose
+        # memory is the node-major, channels-last input: no copy in, and the output's memory
+        # is (nodes, time', batch, C_out) again. On CPU this runs in oneDNN, whose kernels
         # beat a GEMM per tap by about 1.8x for these skinny shapes (forward and backward).
-        h = F.conv2d(x.permute(0, 3, 1, 2), self.weight.unsqueeze(-1), self.bias,
-                     dilation=(self.dilation, 1))
-        filt, gate = h.permute(0, 2, 3, 1).chunk(2, dim=-1)
+        # Filter and gate apart, so that tanh and sigmoid read contiguous memory (on the
+        # two halves of one output they ran about 1.5x slower).
+        x = x.permute(0, 3, 1, 2)
+        weight = self.weight.unsqueeze(-1)
+        c = self.out_channels
+        filt, gate = (F.conv2d(x, weight[i * c:(i + 1) * c], self.bias[i * c:(i + 1) * c],
+                               dilation=(self.dilation, 1)).permute(0, 2, 3, 1) for i in (0, 1))
         return torch.tanh(filt) * torch.sigmoid(gate)
 
     def __repr__(self) -> str:
