@@ -331,6 +331,36 @@ def test_diffusion_graph_conv_sums_over_source_nodes(kernel):
     assert repr(conv) == f"DiffusionGraphConv(3, 4, num_supports=2, order=2, kernel='{kernel}')"
 
 
+def test_cpu_products_through_convolutions_equal_the_gemms(monkeypatch):
+    from gwnet.nn import graph_conv
+
+    torch.manual_seed(0)
+    a, h = torch.rand(7, 7), torch.randn(7, 30)
+    torch.testing.assert_close(graph_conv._matmul(a, h), a @ h)
+    torch.testing.assert_close(graph_conv._matmul(a.t(), h), a.t() @ h)  # a transposed view
+    x2, w, b = torch.randn(50, 4), torch.randn(3, 8), torch.randn(3)
+    torch.testing.assert_close(graph_conv._project(x2, w[:, 4:], b), x2 @ w[:, 4:].t() + b)
+    torch.testing.assert_close(graph_conv._project(x2, w[:, :4]), x2 @ w[:, :4].t())
+    # the fast kernel's output and gradients are those of the plain GEMMs (above the size
+    # limit every dense product is one)
+    conv = DiffusionGraphConv(4, 3, num_supports=2, order=2)
+    x = torch.randn(7, 5, 2, 4, requires_grad=True)
+    adaptive = torch.softmax(torch.randn(7, 7), 1).requires_grad_()
+
+    def run():
+        out = conv(x, [prepare_support(torch.rand(7, 7)), adaptive])
+        grads = torch.autograd.grad((out * torch.arange(out.numel()).view_as(out).sin()).sum(),
+                                    [x, adaptive, conv.weight])
+        return out, grads
+
+    torch.manual_seed(1)
+    with_conv = run()
+    monkeypatch.setattr(graph_conv, "CONV_MATMUL_NODES", 0)
+    torch.manual_seed(1)
+    with_gemm = run()
+    torch.testing.assert_close(with_conv, with_gemm)
+
+
 def test_adaptive_adjacency_rows_are_distributions():
     torch.manual_seed(0)
     for stable in (False, True):
