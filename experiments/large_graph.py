@@ -66,12 +66,11 @@ def cell(nodes: int, variant: str, batch: int, threads: int, root: Path, repeats
     import torch
 
     from gwnet.config import GWNetConfig
-    from gwnet.engine.allocator import apply_policy
+    from gwnet.engine.allocator import apply_policy, largest_activation_bytes
     from gwnet.data.supports import to_torch
     from gwnet.nn import GWNet
 
     torch.set_num_threads(threads)
-    reuse = apply_policy(malloc, torch.device("cpu"), checkpointing)  # as gwnet-train --malloc does
     sup = supports(nodes, root)
     options = {"addaptadj": variant != "none"}
     if variant not in ("none", "dense"):
@@ -79,6 +78,8 @@ def cell(nodes: int, variant: str, batch: int, threads: int, root: Path, repeats
     torch.manual_seed(0)
     cfg = GWNetConfig.improved(num_nodes=nodes, **options)
     model = GWNet(cfg, to_torch(sup))
+    reuse = apply_policy(malloc, torch.device("cpu"), checkpointing,  # as gwnet-train --malloc does
+                         largest_activation_bytes(cfg, 12, nodes, batch))
     if checkpointing:  # what --activation-checkpointing does: each residual layer recomputed in backward
         from gwnet.scale.backbone import checkpoint_layers
 
@@ -201,7 +202,8 @@ def main() -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace the tables of an earlier run in --out")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
     parser.add_argument("--malloc", choices=MALLOC_POLICIES, default="auto",
-                        help="CPU heap policy, as gwnet-train --malloc (auto: reuse unless --checkpointing)")
+                        help="CPU heap policy, as gwnet-train --malloc (auto: reuse when an activation is above "
+                             "32 MiB, unless --checkpointing)")
     parser.add_argument("--cell", nargs=2, metavar=("NODES", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:

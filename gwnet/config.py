@@ -339,7 +339,8 @@ class TrainConfig:
                                            role="runtime")
     malloc: str = opt("auto", "CPU heap: reuse keeps freed memory for the next step (no page faults on "
                       "activations above 32 MiB: large graphs train faster; RSS stays at its peak), system "
-                      "leaves glibc's default; auto: reuse on CPU without activation checkpointing",
+                      "leaves glibc's default; auto: reuse on CPU when an activation is above 32 MiB, "
+                      "without activation checkpointing",
                       MALLOC_POLICIES, role="runtime")
 
     def loggers(self) -> list[str]:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from gwnet.config import Config
-from gwnet.engine.allocator import wants_reuse
+from gwnet.engine.allocator import MMAP_CEILING, largest_activation_bytes, wants_reuse
 from gwnet.errors import GWNetError
 
 glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
@@ -62,15 +62,24 @@ def _check(per_round: list[float], reused: bool) -> None:
         assert min(per_round) > 0.9, per_round
 
 
-def test_auto_reuses_on_cpu_only_and_not_under_activation_checkpointing():
+def test_auto_reuses_on_cpu_only_above_the_mmap_ceiling_and_not_under_checkpointing():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert wants_reuse("auto", cpu)
-    assert not wants_reuse("auto", cpu, activation_checkpointing=True)
-    assert not wants_reuse("auto", cuda)
+    big, small = MMAP_CEILING + 1, MMAP_CEILING
+    assert wants_reuse("auto", cpu, activation_bytes=big)
+    assert not wants_reuse("auto", cpu, activation_bytes=small)
+    assert not wants_reuse("auto", cpu, activation_checkpointing=True, activation_bytes=big)
+    assert not wants_reuse("auto", cuda, activation_bytes=big)
     assert wants_reuse("reuse", cuda) and wants_reuse("reuse", cpu, activation_checkpointing=True)
-    assert not wants_reuse("system", cpu)
+    assert not wants_reuse("system", cpu, activation_bytes=big)
     with pytest.raises(ValueError, match="unknown malloc policy"):
         wants_reuse("jemalloc", cpu)
+
+
+def test_largest_activation_is_nodes_by_padded_steps_by_batch_by_widest_channels():
+    cfg = Config.from_preset("improved").model  # receptive field 13, 40 channels
+    assert largest_activation_bytes(cfg, 12, 8600, 4) == 8600 * 13 * 4 * 40 * 4  # 68 MiB: above
+    assert largest_activation_bytes(cfg, 12, 207, 64) < MMAP_CEILING  # METR-LA at batch 64: below
+    assert largest_activation_bytes(Config.from_preset("mlp").model, 12, 10, 2) == 10 * 12 * 2 * 4
 
 
 def test_an_unknown_policy_in_a_config_is_one_line():
@@ -94,16 +103,21 @@ def test_reuse_serves_large_blocks_again_without_page_faults(policy):
 
 
 @glibc_only
-@pytest.mark.parametrize("policy,reused", [("auto", True), ("system", False)])
-def test_the_trainer_applies_the_configured_policy(tiny_dataset, tmp_path, policy, reused):
+@pytest.mark.parametrize("policy,ceiling,reused", [("auto", 0, True), ("auto", None, False),
+                                                   ("system", 0, False)])
+def test_the_trainer_applies_the_configured_policy(tiny_dataset, tmp_path, policy, ceiling, reused):
+    # The tiny run's activations are a few kB: "auto" reuses only with the ceiling lowered.
     faults = _run("""
+        import gwnet.engine.allocator
         from gwnet.engine.trainer import Trainer
         from test_train import tiny_config
+        if sys.argv[4] != "None":
+            gwnet.engine.allocator.MMAP_CEILING = int(sys.argv[4])
         cfg = tiny_config(sys.argv[1], sys.argv[2], epochs=1, device="cpu")
         cfg.train.malloc = sys.argv[3]
         trainer = Trainer(cfg)
         trainer.close()
         print(json.dumps({"reuses": trainer.reuses_memory, "faults": faults_per_page()}))
-    """, str(tiny_dataset), str(tmp_path / "run"), policy)
+    """, str(tiny_dataset), str(tmp_path / "run"), policy, str(ceiling))
     assert faults["reuses"] is reused
     _check(faults["faults"], reused)

@@ -11,11 +11,14 @@ made a training step at 8,600 sensors 1.3-1.8x slower than with the memory kept
 
 ``reuse`` turns mmap off for ``malloc`` (every block comes from the heap) and raises the
 trim threshold, so freed blocks serve the next step. The price: RSS stays at its peak
-and, as with glibc's grown threshold, sits 15-20% above the live tensors (fragmentation),
-and activation checkpointing saves less of it (see :mod:`gwnet.engine.memory`).
-``system`` leaves glibc as it is. ``auto`` is ``reuse`` on CPU without activation
-checkpointing. The setting is process-wide and lasts to the process's end; elsewhere than
-glibc (macOS, musl, Windows) nothing changes.
+and, as with glibc's grown threshold, sits above the live tensors (fragmentation), and
+activation checkpointing saves less of it (see :mod:`gwnet.engine.memory`). ``system``
+leaves glibc as it is. ``auto`` is ``reuse`` where it pays: on CPU, without activation
+checkpointing, when one activation of the run is above the mmap ceiling; below it glibc
+already keeps freed blocks in its heap, and a 2,000-sensor run with the dense adaptive
+adjacency was seen 10-20% slower with ``reuse`` than without. The setting is process-wide
+and lasts to the process's end; elsewhere than glibc (macOS, musl, Windows) nothing
+changes.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 # Keep up to this much free memory at the top of the heap (the largest value mallopt takes).
 _TRIM_THRESHOLD = 2 ** 31 - 1
+# glibc's largest mmap threshold on 64-bit: blocks above it are always fresh mappings.
+MMAP_CEILING = 32 * 2 ** 20
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,12 +51,24 @@ def _glibc() -> Optional[ctypes.CDLL]:
         return None
 
 
-def wants_reuse(policy: str, device: torch.device, activation_checkpointing: bool = False) -> bool:
-    """Whether ``policy`` keeps freed memory for a run on ``device``."""
+def largest_activation_bytes(model_cfg, steps: int, num_nodes: int, batch_size: int) -> int:
+    """One fp32 activation of a run over ``steps`` input steps: nodes x steps (at least the
+    receptive field) x batch x the model's widest per-position channel count (1 for a model
+    without channel widths)."""
+    steps = max(steps, getattr(model_cfg, "receptive_field", 0) or 0)
+    width = max([1] + [getattr(model_cfg, name) for name in ("residual_channels", "dilation_channels")
+                       if isinstance(getattr(model_cfg, name, None), int)])
+    return num_nodes * steps * batch_size * width * 4
+
+
+def wants_reuse(policy: str, device: torch.device, activation_checkpointing: bool = False,
+                activation_bytes: int = 0) -> bool:
+    """Whether ``policy`` keeps freed memory for a run on ``device`` whose activations are
+    ``activation_bytes`` each."""
     if policy not in MALLOC_POLICIES:
         raise ValueError(f"unknown malloc policy {policy!r}; use one of {', '.join(MALLOC_POLICIES)}")
     if policy == "auto":
-        return device.type == "cpu" and not activation_checkpointing
+        return device.type == "cpu" and not activation_checkpointing and activation_bytes > MMAP_CEILING
     return policy == "reuse"
 
 
@@ -65,6 +82,8 @@ def reuse_freed_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
-def apply_policy(policy: str, device: torch.device, activation_checkpointing: bool = False) -> bool:
+def apply_policy(policy: str, device: torch.device, activation_checkpointing: bool = False,
+                 activation_bytes: int = 0) -> bool:
     """Apply ``policy`` for a run on ``device``; whether freed memory is now kept."""
-    return wants_reuse(policy, device, activation_checkpointing) and reuse_freed_memory()
+    return (wants_reuse(policy, device, activation_checkpointing, activation_bytes)
+            and reuse_freed_memory())

@@ -37,7 +37,7 @@ from ..errors import GWNetError, file_error
 from ..models import build_model_from_config, model_spec
 from ..nn import load_for_more_horizons
 from .checkpoint import RunDir, RunLock, load_checkpoint, save_checkpoint
-from .allocator import apply_policy as apply_malloc
+from .allocator import apply_policy as apply_malloc, largest_activation_bytes
 from .device import autocast, check_precision, resolve_device
 from .inference import split_metrics
 from .listeners import EpochListener, announce, make_listeners
@@ -134,8 +134,10 @@ class Trainer:
                 listeners: Sequence[EpochListener]) -> None:
         self.device = resolve_device(cfg.train.device)
         check_precision(self.device, cfg.train.precision)
-        self.reuses_memory = apply_malloc(cfg.train.malloc, self.device,
-                                          cfg.train.activation_checkpointing)
+        local_batch = -(-cfg.train.batch_size // self.world_size)
+        self.reuses_memory = apply_malloc(
+            cfg.train.malloc, self.device, cfg.train.activation_checkpointing,
+            largest_activation_bytes(cfg.model, cfg.data.seq_len, self.data.num_nodes, local_batch))
         model = model if model is not None else build_model(cfg, self.data)
         self._check_memory(model)
         model = model.to(self.device)
