@@ -90,10 +90,12 @@ def _shapes(shapes):
 
 
 def _is_propagation(event: FunctionEvent, nodes: int) -> bool:
-    """An operator with an adjacency operand (``N x N``, batched or not), a sparse one, or
-    an ``einsum`` (both the dense kernel and the reference propagate with one)."""
+    """An operator with an adjacency operand (``N x N``, batched or not, or the ``(N, N, 1)``
+    weight of the width-1 convolution gwnet propagates with on CPU), a sparse one, or an
+    ``einsum`` (both the dense kernel and the reference propagate with one)."""
     return ("sparse" in event.name or event.name == "aten::einsum"
-            or any(s[-2:] == [nodes, nodes] for s in _shapes(event.input_shapes)))
+            or any(s[-2:] == [nodes, nodes] or s == [nodes, nodes, 1]
+                   for s in _shapes(event.input_shapes)))
 
 
 def _op_part(event: FunctionEvent, label: Optional[str], nodes: int) -> str:
