@@ -66,8 +66,8 @@ def cell(nodes: int, variant: str, batch: int, threads: int, root: Path, repeats
     import torch
 
     from gwnet.config import GWNetConfig
-    from gwnet.engine.allocator import apply_policy, largest_activation_bytes
     from gwnet.data.supports import to_torch
+    from gwnet.engine.allocator import apply_policy, largest_activation_bytes
     from gwnet.nn import GWNet
 
     torch.set_num_threads(threads)

@@ -15,8 +15,8 @@ and, as with glibc's grown threshold, sits above the live tensors (fragmentation
 activation checkpointing saves less of it (see :mod:`gwnet.engine.memory`). ``system``
 leaves glibc as it is. ``auto`` is ``reuse`` where it pays: on CPU, without activation
 checkpointing, when one activation of the run is above the mmap ceiling; below it glibc
-already keeps freed blocks in its heap, and a 2,000-sensor run with the dense adaptive
-adjacency was seen 10-20% slower with ``reuse`` than without. The setting is process-wide
+already keeps freed blocks in its heap, and one measurement of a 2,000-sensor step with the
+dense adaptive adjacency was 7-22% slower with ``reuse`` than without. The setting is process-wide
 and lasts to the process's end; elsewhere than glibc (macOS, musl, Windows) nothing
 changes.
 """
@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from ..config import MALLOC_POLICIES
+
 # mallopt parameters of glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
