@@ -45,7 +45,7 @@ FAULTS = textwrap.dedent("""
 """)
 
 
-def _run(body: str, *args: str) -> float:
+def _run(body: str, *args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     env.pop("GLIBC_TUNABLES", None)
