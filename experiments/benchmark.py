@@ -24,11 +24,15 @@ assembly over one epoch of a METR-LA-sized series, in a fresh process) and print
 table of step time against nodes and batch size on sparse random road-like graphs (~8
 neighbours per node). ``--background-load`` runs the timings while a second process keeps
 one core busy. With ``--device cuda`` the timings run in bf16 autocast and report achieved
-TFLOP/s.
+TFLOP/s. ``--malloc reuse`` keeps glibc's freed memory for reuse in the timing process
+(what ``gwnet-train --malloc reuse`` sets), for every model alike: the reference allocates
+its concatenations and einsum outputs anew each step, and with glibc's default settings
+part of them is mapped and page-faulted anew each time, so its time depends on the
+allocator; the default ``system`` leaves the allocator as both codes run out of the box.
 
     python experiments/benchmark.py [--device cpu|cuda] [--threads 2] [--quick] [--out DIR]
-        [--background-load] [--bf16 auto|on|off] [--skip equal headline profile data scaling]
-        [--overwrite]
+        [--background-load] [--bf16 auto|on|off] [--malloc system|reuse]
+        [--skip equal headline profile data scaling] [--overwrite]
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ from step_profile import LABEL, profile_step  # noqa: E402
 from gwnet.config import GWNetConfig  # noqa: E402
 from gwnet.data.graph import read_graph  # noqa: E402
 from gwnet.data.supports import build_supports, to_torch  # noqa: E402
+from gwnet.engine.allocator import reuse_freed_memory  # noqa: E402
 from gwnet.engine.device import native_bf16  # noqa: E402
 from gwnet.nn import GWNet  # noqa: E402
 
@@ -391,6 +396,8 @@ def main(argv=None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the tables of an earlier run in --out")
     p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                    help="also time fast under bf16 autocast on the CPU (auto: where the CPU has native bf16)")
+    p.add_argument("--malloc", choices=("system", "reuse"), default="system",
+                   help="glibc's allocator as it comes (system) or keeping freed memory (reuse), for all models")
     args = p.parse_args(argv)
     args.repeats = args.repeats or (2 if args.quick else 5)
     torch.set_num_threads(args.threads)
@@ -404,8 +411,12 @@ def main(argv=None) -> None:
         sys.exit(2)
     out.mkdir(parents=True, exist_ok=True)
     adj, graph = metr_la_graph()
+    allocator = "glibc's default allocator"
+    if args.malloc == "reuse":
+        allocator = ("freed memory kept for reuse" if reuse_freed_memory()
+                     else "the C library's own allocator (not glibc: --malloc reuse has no effect)")
     print(f"gwnet benchmark: {device}{' bf16 autocast' if bf16 else ' fp32'}, {args.threads} threads, "
-          f"improved preset, {graph}, batch {args.batch}, 12 steps, median of {args.repeats}"
+          f"improved preset, {graph}, batch {args.batch}, 12 steps, median of {args.repeats}, {allocator}"
           f"{', one core loaded by a second process' if args.background_load else ''}")
     if device == "cpu":
         print(f"CPU bf16: {'native' if native_bf16() else 'none native (AVX512-BF16/AMX absent): emulated'}; "
@@ -424,8 +435,8 @@ def main(argv=None) -> None:
         with load:
             rows, baseline = headline(adj, args, device, bf16)
         headline_rows = rows
-        report.append(write_table(rows, out / "headline", f"Training step and inference, batch {args.batch}; "
-                                                           f"reference = {baseline}"))
+        report.append(write_table(rows, out / "headline", f"Training step and inference, batch {args.batch}, "
+                                                           f"{allocator}; reference = {baseline}"))
         print(report[-1])
     if "profile" not in args.skip:
         with load:

@@ -29,8 +29,9 @@ from torch.autograd.profiler_util import FunctionEvent
 PARTS = ("temporal conv + gate", "graph conv: propagation", "graph conv: projections",
          "skip path", "batch norm", "dropout", "start/end convs", "optimizer step", "rest")
 LABEL = "part::"
-_DROPOUT_OPS = ("aten::rand", "aten::rand_like", "aten::uniform_", "aten::bernoulli_",
-                "aten::bernoulli", "aten::dropout", "aten::native_dropout", "aten::ge")
+_DROPOUT_OPS = ("aten::rand", "aten::rand_like", "aten::uniform_", "aten::random_",
+                "aten::bitwise_and_", "aten::bernoulli_", "aten::bernoulli", "aten::dropout",
+                "aten::native_dropout", "aten::ge")
 _BN_OPS = ("aten::batch_norm", "aten::native_batch_norm", "aten::_batch_norm_impl_index",
            "aten::native_batch_norm_backward", "aten::cudnn_batch_norm")
 

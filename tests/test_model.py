@@ -313,6 +313,52 @@ def test_gated_temporal_conv_is_a_dilated_conv2d_without_padding():
     filt, gate = ref.chunk(2, dim=1)
     torch.testing.assert_close(out, (torch.tanh(filt) * torch.sigmoid(gate)).permute(2, 3, 0, 1))
     assert repr(conv) == "GatedTemporalConv(4, 5, kernel_size=3, dilation=2)"
+    # gradients of the weights and the input: those of the plain formula
+    x.requires_grad_()
+    probe = torch.randn(out.shape)
+    got = torch.autograd.grad((conv(x) * probe).sum(), [x, conv.weight, conv.bias])
+    ref = F.conv2d(x.permute(2, 3, 0, 1), conv.weight.unsqueeze(2), conv.bias, dilation=(1, 2))
+    filt, gate = ref.chunk(2, dim=1)
+    plain = (torch.tanh(filt) * torch.sigmoid(gate)).permute(2, 3, 0, 1)
+    torch.testing.assert_close(got, torch.autograd.grad((plain * probe).sum(),
+                                                        [x, conv.weight, conv.bias]))
+
+
+def test_gate_is_tanh_times_sigmoid_with_its_gradients():
+    from gwnet.nn.temporal import _Gate
+
+    torch.manual_seed(0)
+    f = torch.randn(300, dtype=torch.float64, requires_grad=True) * 4
+    g = torch.randn(300, dtype=torch.float64, requires_grad=True) * 4
+    # _Gate takes z = 2f
+    assert torch.autograd.gradcheck(_Gate.apply, (2 * f.detach().requires_grad_(), g))
+    out = _Gate.apply(2 * f, g)
+    torch.testing.assert_close(out, torch.tanh(f) * torch.sigmoid(g), rtol=1e-12, atol=1e-12)
+    # float32: near f = 0, 2 sigmoid(2f) - 1 loses relative precision, not absolute
+    f32, g32 = f.detach().float(), g.detach().float()
+    assert (_Gate.apply(2 * f32, g32) - torch.tanh(f32) * torch.sigmoid(g32)).abs().max() < 1e-6
+
+
+def test_graph_conv_dropout_drops_p_independently_and_keeps_the_mean():
+    from gwnet.nn.graph_conv import _dropout
+
+    x = torch.ones(200_001)  # odd: the last draw gives one element
+    torch.manual_seed(3)
+    y = _dropout(x, 0.3, training=True)
+    dropped = y == 0
+    n, p = x.numel(), 9830 / 32768  # 0.3 rounded to a multiple of 2^-15
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(dropped.float().mean() - p) < 4 * sigma
+    torch.testing.assert_close(y[~dropped], torch.full_like(y[~dropped], 1 / (1 - p)))
+    assert abs(y.mean() - 1) < 4 * sigma / (1 - p)
+    # the two elements of one 31-bit draw are independent: both dropped with probability p^2
+    pairs = dropped[:-1].view(-1, 2)
+    both = pairs.all(1).float().mean()
+    assert abs(both - p * p) < 4 * (p * p * (1 - p * p) / pairs.size(0)) ** 0.5
+    torch.manual_seed(3)
+    assert torch.equal(_dropout(x, 0.3, training=True), y)  # one seed, one mask
+    assert _dropout(x, 0.3, training=False) is x
+    assert not _dropout(x, 1.0, training=True).any()
 
 
 @pytest.mark.parametrize("kernel", ["fast", "dense"])
@@ -338,6 +384,15 @@ def test_cpu_products_through_convolutions_equal_the_gemms(monkeypatch):
     a, h = torch.rand(7, 7), torch.randn(7, 30)
     torch.testing.assert_close(graph_conv._matmul(a, h), a @ h)
     torch.testing.assert_close(graph_conv._matmul(a.t(), h), a.t() @ h)  # a transposed view
+    # a CSR support writes into a fresh buffer with beta=0: whatever the buffer held is ignored
+    sparse = torch.zeros(7, 7)
+    sparse[0, 3], sparse[4, 1], sparse[6, 6] = 0.5, 2.0, 1.5
+    csr = prepare_support(sparse)
+    assert csr.layout == torch.sparse_csr
+    monkeypatch.setattr(torch.Tensor, "new_empty",
+                        lambda self, *size, **kw: torch.full(size, float("nan"), **kw))
+    torch.testing.assert_close(graph_conv._matmul(csr, h), sparse @ h)
+    monkeypatch.undo()
     x2, w, b = torch.randn(50, 4), torch.randn(3, 8), torch.randn(3)
     torch.testing.assert_close(graph_conv._project(x2, w[:, 4:], b), x2 @ w[:, 4:].t() + b)
     torch.testing.assert_close(graph_conv._project(x2, w[:, :4]), x2 @ w[:, :4].t())

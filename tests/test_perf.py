@@ -203,3 +203,20 @@ def test_benchmark_runs_end_to_end_and_writes_its_tables(tmp_path, capsys):
                         "--out", str(tmp_path)])
     assert stop.value.code == 2 and "pass --overwrite" in capsys.readouterr().err
     assert (tmp_path / "headline.csv").read_bytes() == before
+
+
+def test_benchmark_malloc_reuse_is_applied_to_the_timing_process(tmp_path):
+    """--malloc reuse sets glibc's reuse of freed memory in the benchmark's process (all models
+    alike) and says so in the headline table; in a child process, as it is process-wide."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("reuse of freed memory is a glibc setting")
+    script = Path(__file__).resolve().parents[1] / "experiments" / "benchmark.py"
+    done = subprocess.run([sys.executable, str(script), "--malloc", "reuse", "--quick", "--batch", "2",
+                           "--repeats", "1", "--threads", "1", "--skip", "equal", "profile", "data",
+                           "scaling", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "freed memory kept for reuse" in (tmp_path / "headline.md").read_text()

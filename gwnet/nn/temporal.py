@@ -6,6 +6,31 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+
+class _Gate(torch.autograd.Function):
+    r""":math:`\tanh(f) \odot \sigma(g)` from :math:`z = 2f` as :math:`(2\sigma(z) - 1) \odot
+    \sigma(g)`: on CPU ``tanh`` costs about 3.7x ``sigmoid`` per element, and doubling
+    :math:`f` is free in the convolution's weights. The backward pass uses the fused
+    ``tanh_backward`` and ``sigmoid_backward`` kernels on the saved :math:`\tanh(f)` and
+    :math:`\sigma(g)`, four passes like autograd's; :math:`\partial z = \tfrac12 \partial f`.
+    Agrees with ``tanh(f) * sigmoid(g)`` to about 2e-7 absolute in float32."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, g: Tensor) -> Tensor:
+        t = torch.sigmoid(z).mul_(2).sub_(1)
+        s = torch.sigmoid(g)
+        ctx.save_for_backward(t, s)
+        return t * s
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        t, s = ctx.saved_tensors
+        half = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        dz = torch.ops.aten.tanh_backward(torch.addcmul(half, grad, s, value=0.5), t)
+        return dz, torch.ops.aten.sigmoid_backward(grad * t, s)
 
 
 class GatedTemporalConv(nn.Module):
@@ -53,14 +78,14 @@ class GatedTemporalConv(nn.Module):
         # memory is the node-major, channels-last input: no copy in, and the output's memory
         # is (nodes, time', batch, C_out) again. On CPU this runs in oneDNN, whose kernels
         # beat a GEMM per tap by about 1.8x for these skinny shapes (forward and backward).
-        # Filter and gate apart, so that tanh and sigmoid read contiguous memory (on the
-        # two halves of one output they ran about 1.5x slower).
+        # Filter and gate apart, so that the activations read contiguous memory (on the two
+        # halves of one output they ran about 1.5x slower); the filter's weights doubled for
+        # the gate's tanh-by-sigmoid (_Gate).
         x = x.permute(0, 3, 1, 2)
-        weight = self.weight.unsqueeze(-1)
-        c = self.out_channels
-        filt, gate = (F.conv2d(x, weight[i * c:(i + 1) * c], self.bias[i * c:(i + 1) * c],
-                               dilation=(self.dilation, 1)).permute(0, 2, 3, 1) for i in (0, 1))
-        return torch.tanh(filt) * torch.sigmoid(gate)
+        c, w, b, dilation = self.out_channels, self.weight.unsqueeze(-1), self.bias, (self.dilation, 1)
+        z = F.conv2d(x, w[:c] * 2, b[:c] * 2, dilation=dilation).permute(0, 2, 3, 1)
+        gate = F.conv2d(x, w[c:], b[c:], dilation=dilation).permute(0, 2, 3, 1)
+        return _Gate.apply(z, gate)
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
