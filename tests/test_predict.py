@@ -320,3 +320,21 @@ def test_a_prediction_killed_while_overwriting_leaves_the_earlier_result(runs, t
     assert predict([runs.h6, "--split", "test", "--no-plots", "--out", out, "--overwrite"], capsys)[0] == 0
     assert files_of(out)["predictions.csv"] != before["predictions.csv"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the killed one's leftovers are gone
+
+
+def test_malloc_policy_reaches_the_allocator(runs, tmp_path, capsys, monkeypatch):
+    """--malloc as gwnet-train's: reuse keeps freed memory; auto only above the mapping
+    ceiling (lowered here so that the tiny run's activation is above it); system never."""
+    from gwnet.engine import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "reuse_freed_memory", lambda: calls.append(1) or True)
+    expected = {"reuse": 1, "auto": 0, "system": 0}
+    for policy, want in expected.items():
+        calls.clear()
+        rc, _, _ = predict([runs.h6, "--no-plots", "--malloc", policy, "--out", tmp_path / policy], capsys)
+        assert rc == 0 and len(calls) == want, policy
+    monkeypatch.setattr(allocator, "MMAP_CEILING", 0)
+    calls.clear()
+    assert predict([runs.h6, "--no-plots", "--out", tmp_path / "auto-small-ceiling"], capsys)[0] == 0
+    assert calls == [1]

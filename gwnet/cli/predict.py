@@ -18,7 +18,7 @@ from dataclasses import fields
 import pandas as pd
 
 from ..atomic import check_output_directory
-from ..config import DataConfig
+from ..config import MALLOC_POLICIES, DataConfig
 from ..ensemble import FORMATS, STRATEGIES, Ensemble, load_members, run
 from ..ensemble.members import ENSEMBLE, SOURCE_FIELDS
 from ..ensemble.report import OUTPUT_FILES
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None, metavar="N",
                         help="windows per batch; default: the first run's")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--malloc", choices=MALLOC_POLICIES, default="auto",
+                        help="CPU heap, as gwnet-train's --malloc: reuse keeps freed memory for the next "
+                             "batch; auto does so where one activation is above glibc's 32 MiB mapping "
+                             "ceiling (thousands of sensors)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     parser.add_argument("--fill-zeroes", action=argparse.BooleanOptionalAction, default=None,
                         help="reference (.pth) members: feed missing inputs as the mean (on) or as 0 "
@@ -94,6 +98,7 @@ def mae_table(metrics: pd.DataFrame, ensemble: Ensemble, data, split: str) -> pd
 
 @run_cli("gwnet-predict")
 def main(argv: list[str] | None = None) -> int:
+    from ..engine.allocator import apply_policy as apply_malloc, largest_activation_bytes
     from ..engine.device import resolve_device
 
     parser = build_parser()
@@ -115,10 +120,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # A file of the last readings only: run() then says the strategy has nothing to fit on.
         members, data = load_members(args.runs, device, latest=True, fill_zeroes=args.fill_zeroes, **source)
+    batch_size = args.batch_size or members[0].config.train.batch_size
+    apply_malloc(args.malloc, device, activation_bytes=max(
+        largest_activation_bytes(m.config.model, m.config.data.seq_len, data.num_nodes, batch_size)
+        for m in members))
     ensemble = Ensemble(members, args.strategy)
     split = "latest" if args.latest else args.split
     report = run(ensemble, data, args.out, split=split, fmt=args.format, sensors=args.sensors,
-                 batch_size=args.batch_size or members[0].config.train.batch_size, plots=args.plots,
+                 batch_size=batch_size, plots=args.plots,
                  overwrite=args.overwrite)
     number = lambda v: "" if pd.isna(v) else f"{v:.4f}"  # noqa: E731
     weights = weights_table(ensemble)
