@@ -16,7 +16,7 @@ The activation formula was checked against the growth of peak RSS (``ru_maxrss``
 training step (improved preset, 12 steps, batch 64) in a fresh process, after a warm-up step
 at batch 1 (``tests/test_memory.py``). With glibc's mmap threshold fixed
 (``MALLOC_MMAP_THRESHOLD_=65536``), RSS follows the live tensors: estimate +3% at 100 and
-200 nodes, +6% at 200 nodes with checkpointing. With glibc's default (a threshold that grows
+200 nodes, +13% at 200 nodes with checkpointing. With glibc's default (a threshold that grows
 as large blocks are freed, which then stay in the heap) RSS is 16-21% above the estimate
 without checkpointing and 2.5 times it with checkpointing: set that variable (or use another
 allocator) to get the memory checkpointing saves. ``--malloc reuse`` (and ``auto`` where an
@@ -121,8 +121,8 @@ def gwnet_activation_elements(cfg, num_nodes: int, batch_size: int, steps: Optio
     \max_i P_i`.
 
     With ``checkpointing`` a layer keeps only its input (:math:`N L_i B C_r`), and one layer at
-    a time is recomputed in backward: the largest layer's terms are added once (and no separate
-    workspace: its saved tensors are freed as its backward consumes them).
+    a time is recomputed in backward: the largest layer's other terms are added once (and no
+    separate workspace: its saved tensors are freed as its backward consumes them).
     """
     c = cfg
     n, b = num_nodes, batch_size
@@ -149,8 +149,10 @@ def gwnet_activation_elements(cfg, num_nodes: int, batch_size: int, steps: Optio
         if not checkpointing:  # measured: with recomputation the freed saved tensors make room
             workspace = max(workspace, (c.residual_channels + 2 * c.dilation_channels) * p)
         if checkpointing:
+            # the checkpoint holds the input; a recomputed layer saves it again without a copy
             total += n * length * b * c.residual_channels
-            largest = max(largest, layer + n * b * c.dilation_channels)
+            largest = max(largest, layer - c.residual_channels * n * b * length
+                          + n * b * c.dilation_channels)
         else:
             total += layer + n * b * c.dilation_channels
         length = out_len
