@@ -442,7 +442,8 @@ def main(argv=None) -> None:
         with load:
             rows = profile(adj, args, device)
         report.append(write_table(rows, out / "profile", f"One training step by part (batch {args.batch}, "
-                                                         "self time of every operator, forward and backward)"))
+                                                         f"{allocator}, self time of every operator, "
+                                                         "forward and backward)"))
         print(report[-1])
     if "data" not in args.skip:
         d = data_path(args)

@@ -324,6 +324,21 @@ def test_gated_temporal_conv_is_a_dilated_conv2d_without_padding():
                                                         [x, conv.weight, conv.bias]))
 
 
+def test_gated_temporal_conv_keeps_tanh_of_small_inputs_under_bf16_autocast():
+    # 2 sigmoid(2f) - 1 is for fp32 only: in bf16 it would round tanh of small f away
+    torch.manual_seed(0)
+    conv = GatedTemporalConv(4, 5)
+    with torch.no_grad():
+        conv.weight.mul_(0.01), conv.bias.zero_()
+    x = torch.randn(6, 11, 2, 4)
+    exact = conv.double()(x.double()).detach()
+    conv.float()
+    with torch.autocast("cpu", torch.bfloat16):
+        got = conv(x).detach()
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - exact).abs() / exact.abs()).median() < 0.02
+
+
 def test_gate_is_tanh_times_sigmoid_with_its_gradients():
     from gwnet.nn.temporal import _Gate
 
@@ -358,6 +373,8 @@ def test_graph_conv_dropout_drops_p_independently_and_keeps_the_mean():
     torch.manual_seed(3)
     assert torch.equal(_dropout(x, 0.3, training=True), y)  # one seed, one mask
     assert _dropout(x, 0.3, training=False) is x
+    # a p that rounds to 0 in 2^-15 steps still drops (about 20 of 2 million elements)
+    assert 0 < (_dropout(torch.ones(2_000_000), 1e-5, training=True) == 0).sum() < 60
     assert not _dropout(x, 1.0, training=True).any()
 
 

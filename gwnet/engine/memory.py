@@ -18,8 +18,9 @@ at batch 1 (``tests/test_memory.py``). With glibc's mmap threshold fixed
 (``MALLOC_MMAP_THRESHOLD_=65536``), RSS follows the live tensors: estimate +3% at 100 and
 200 nodes, +13% at 200 nodes with checkpointing. With glibc's default (a threshold that grows
 as large blocks are freed, which then stay in the heap) RSS is 16-21% above the estimate
-without checkpointing and 2.5 times it with checkpointing: set that variable (or use another
-allocator) to get the memory checkpointing saves. ``--malloc reuse`` (and ``auto`` where an
+without checkpointing and 2.5 times it with checkpointing (measured with an earlier form of
+the estimate, before its checkpointing term stopped counting the recomputed layer's input
+twice): set that variable (or use another allocator) to get the memory checkpointing saves. ``--malloc reuse`` (and ``auto`` where an
 activation is above glibc's 32 MiB mmap ceiling, :mod:`gwnet.engine.allocator`) keeps every
 freed block in the heap: faster steps at large graphs, RSS above the estimate as with glibc's
 grown threshold.
@@ -105,7 +106,8 @@ def gwnet_activation_elements(cfg, num_nodes: int, batch_size: int, steps: Optio
 
     * its input, which the temporal convolution keeps (a view of the previous layer's
       output, held for backward only by it): :math:`C_r N B L_i`;
-    * the outputs of tanh and sigmoid and their product (the graph convolution's input):
+    * the gate's two activations (tanh and sigmoid) and their product (the graph
+      convolution's input):
       :math:`3 C_d P_i`;
     * unless it is the last layer: the graph convolution's Horner partials for each support
       that needs a gradient (the adaptive one): :math:`K C_r P_i`; the dropout mask

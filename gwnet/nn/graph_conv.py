@@ -100,18 +100,22 @@ def _transposed(support: Tensor) -> Tensor:
 
 
 def _matmul(a: Tensor, h: Tensor) -> Tensor:
-    """``a @ h`` for an :math:`N \\times N` support (or its transpose) and node-major ``h``.
+    """``a @ h`` as a new tensor, for an :math:`N \\times N` support (or its transpose) and
+    node-major ``h`` (the backward pass's propagations and the forward's first Horner step).
 
     A dense one on CPU goes through oneDNN as a width-1 convolution with the nodes as
     channels (``h`` as one ``(1, N, M)`` sequence, no copy): about 1.4x the BLAS GEMM for
     these ``N x N`` by ``N x M`` products at ``N`` of a few hundred (the contiguous copy of
-    ``a`` it needs is cheap there). Larger graphs, sparse supports and GPUs keep ``a @ h``.
+    ``a`` it needs is cheap there). A CSR one on CPU with MKL writes into a fresh buffer with
+    ``beta=0`` (MKL never reads it): ``a @ h`` zero-fills its output and copies it once more,
+    which costs more than the product itself here. Larger graphs, other sparse backends and
+    GPUs keep ``a @ h``.
     """
     if a.layout != torch.strided:
-        # Into a fresh buffer with beta=0: ``a @ h`` on a CSR matrix zero-fills its output
-        # and copies it once more, which costs more than the product itself here.
-        out = h.new_empty(a.size(0), h.size(1))
-        return torch.addmm(out, a, h, beta=0, out=out)
+        if a.device.type == "cpu" and torch.backends.mkl.is_available():
+            out = h.new_empty(a.size(0), h.size(1))
+            return torch.addmm(out, a, h, beta=0, out=out)
+        return a @ h
     if a.device.type != "cpu" or a.size(1) > CONV_MATMUL_NODES:
         return a @ h
     return F.conv1d(h.unsqueeze(0), a.contiguous().unsqueeze(-1)).squeeze(0)
@@ -142,13 +146,17 @@ def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
     uniform integers in :math:`[0, 2^{15})`. An element is dropped where its number is
     below :math:`q = \mathrm{round}(2^{15} p)`, so the drop probability is ``p`` rounded to
     a multiple of :math:`2^{-15}` (0.3 becomes 0.29999), and the kept elements are scaled by
-    :math:`2^{15} / (2^{15} - q)`, which keeps the expectation exact.
+    :math:`2^{15} / (2^{15} - q)`, which keeps the expectation exact (in the precision of
+    ``x``). A ``p`` that would round to 0 or 1 draws from ``rand_like`` instead.
     """
     if not training or p == 0.0:
         return x
-    drop = round(p * 32768)
-    if drop >= 32768:
+    if p >= 1.0:
         return x * 0.0
+    drop = round(p * 32768)
+    if drop in (0, 32768):
+        keep = torch.rand_like(x) >= p
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
     n = x.numel()
     bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_()
     numbers = bits.bitwise_and_(0x7FFF7FFF).view(torch.int16)[:n].view(x.shape)

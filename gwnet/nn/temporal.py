@@ -15,7 +15,9 @@ class _Gate(torch.autograd.Function):
     :math:`f` is free in the convolution's weights. The backward pass uses the fused
     ``tanh_backward`` and ``sigmoid_backward`` kernels on the saved :math:`\tanh(f)` and
     :math:`\sigma(g)`, four passes like autograd's; :math:`\partial z = \tfrac12 \partial f`.
-    Agrees with ``tanh(f) * sigmoid(g)`` to about 2e-7 absolute in float32."""
+    Agrees with ``tanh(f) * sigmoid(g)`` to about 2e-7 absolute in float32; used on CPU in
+    float32 only (on GPUs tanh is not the cost, and in bfloat16 the cancellation in
+    :math:`2\sigma(z) - 1` loses most of a small :math:`\tanh(f)`)."""
 
     @staticmethod
     def forward(ctx, z: Tensor, g: Tensor) -> Tensor:
@@ -28,8 +30,9 @@ class _Gate(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
         t, s = ctx.saved_tensors
-        half = torch.zeros((), dtype=grad.dtype, device=grad.device)
-        dz = torch.ops.aten.tanh_backward(torch.addcmul(half, grad, s, value=0.5), t)
+        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        # 0 + grad * s / 2 in one pass; tanh_backward then multiplies by 1 - t^2
+        dz = torch.ops.aten.tanh_backward(torch.addcmul(zero, grad, s, value=0.5), t)
         return dz, torch.ops.aten.sigmoid_backward(grad * t, s)
 
 
@@ -79,13 +82,17 @@ class GatedTemporalConv(nn.Module):
         # is (nodes, time', batch, C_out) again. On CPU this runs in oneDNN, whose kernels
         # beat a GEMM per tap by about 1.8x for these skinny shapes (forward and backward).
         # Filter and gate apart, so that the activations read contiguous memory (on the two
-        # halves of one output they ran about 1.5x slower); the filter's weights doubled for
-        # the gate's tanh-by-sigmoid (_Gate).
+        # halves of one output they ran about 1.5x slower).
         x = x.permute(0, 3, 1, 2)
         c, w, b, dilation = self.out_channels, self.weight.unsqueeze(-1), self.bias, (self.dilation, 1)
-        z = F.conv2d(x, w[:c] * 2, b[:c] * 2, dilation=dilation).permute(0, 2, 3, 1)
         gate = F.conv2d(x, w[c:], b[c:], dilation=dilation).permute(0, 2, 3, 1)
-        return _Gate.apply(z, gate)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+            # tanh by sigmoid (_Gate), the filter's weights doubled: fp32 only, as 2 sigmoid(2f) - 1
+            # in bf16 would round tanh of small f to steps of about 0.004.
+            z = F.conv2d(x, w[:c] * 2, b[:c] * 2, dilation=dilation).permute(0, 2, 3, 1)
+            return _Gate.apply(z, gate)
+        filt = F.conv2d(x, w[:c], b[:c], dilation=dilation).permute(0, 2, 3, 1)
+        return torch.tanh(filt) * torch.sigmoid(gate)
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
