@@ -166,6 +166,16 @@ def test_trainer_prints_the_estimate_and_refuses_a_run_that_cannot_fit(tiny_data
 MEASURE = textwrap.dedent("""
     import json, resource, sys
     import numpy as np, scipy.sparse as sp, torch
+
+    def peak_rss():
+        # This process's own high-water mark: Linux carries ru_maxrss over exec from the
+        # parent, so under a large parent (pytest with the whole tree collected) it would
+        # start at the parent's size and understate the step's increase.
+        try:
+            with open("/proc/self/status") as status:
+                return next(int(l.split()[1]) * 1024 for l in status if l.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     torch.set_num_threads(1)
     from gwnet.config import Config
     from gwnet.data.supports import build_supports
@@ -188,10 +198,10 @@ MEASURE = textwrap.dedent("""
     model.train()
     (model(x[:1]) - y[:1]).abs().mean().backward()
     opt.zero_grad(set_to_none=True)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = peak_rss()
     (model(x) - y).abs().mean().backward()
     opt.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     e = estimate(cfg, n, b)
     print(json.dumps({"increase": peak - base, "estimate": e.total_bytes - e.parameter_bytes}))
 """)

@@ -12,7 +12,7 @@ estimate exceeds ``train.memory_limit_gb`` -- or, when that is ``None``, the mem
 now: ``MemAvailable`` of ``/proc/meminfo`` on CPU, the free memory of the GPU on CUDA (no
 limit where neither can be read).
 
-The activation formula was checked against the growth of peak RSS (``ru_maxrss``) over one
+The activation formula was checked against the growth of peak RSS (``VmHWM``) over one
 training step (improved preset, 12 steps, batch 64) in a fresh process, after a warm-up step
 at batch 1 (``tests/test_memory.py``). With glibc's mmap threshold fixed
 (``MALLOC_MMAP_THRESHOLD_=65536``), RSS follows the live tensors: estimate +3% at 100 and
