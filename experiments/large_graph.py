@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -68,6 +67,7 @@ def cell(nodes: int, variant: str, batch: int, threads: int, root: Path, repeats
     from gwnet.config import GWNetConfig
     from gwnet.data.supports import to_torch
     from gwnet.engine.allocator import apply_policy, largest_activation_bytes
+    from gwnet.engine.memory import peak_rss_bytes
     from gwnet.nn import GWNet
 
     torch.set_num_threads(threads)
@@ -108,7 +108,7 @@ def cell(nodes: int, variant: str, batch: int, threads: int, root: Path, repeats
             fn()
             seconds.append(time.perf_counter() - started)
         timings[name] = float(np.median(seconds))
-    peak = peak_rss()
+    peak = peak_rss_bytes()
     edges = sum(s.nnz for s in sup) / len(sup) / nodes
     return {"nodes": nodes, "variant": variant, "batch": batch, "checkpointing": checkpointing,
             "heap_reuse": reuse, **timings,
@@ -129,17 +129,6 @@ def memory(nodes: int, variant: str, batch: int, limit_gb: float = 16.0) -> tupl
     cfg.resolve(num_nodes=nodes)
     found = estimate(cfg, nodes, batch)
     return found.total_bytes / GIB, found.fits(limit_gb * GIB)
-
-
-def peak_rss() -> int:
-    """This process's peak RSS in bytes: its own high-water mark (``VmHWM``) where Linux has
-    one, since ``ru_maxrss`` is carried over ``exec`` from the parent (this script's parent
-    process would set a floor of its own size under every cell)."""
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_cell(args, nodes: int, variant: str) -> dict:

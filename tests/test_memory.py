@@ -164,22 +164,12 @@ def test_trainer_prints_the_estimate_and_refuses_a_run_that_cannot_fit(tiny_data
 # allocator's fragmentation rather than by tensors; a fixed threshold (MALLOC_MMAP_THRESHOLD_)
 # makes RSS follow the live tensors that the estimate counts.
 MEASURE = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     import numpy as np, scipy.sparse as sp, torch
-
-    def peak_rss():
-        # This process's own high-water mark: Linux carries ru_maxrss over exec from the
-        # parent, so under a large parent (pytest with the whole tree collected) it would
-        # start at the parent's size and understate the step's increase.
-        try:
-            with open("/proc/self/status") as status:
-                return next(int(l.split()[1]) * 1024 for l in status if l.startswith("VmHWM:"))
-        except (OSError, StopIteration):
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     torch.set_num_threads(1)
     from gwnet.config import Config
     from gwnet.data.supports import build_supports
-    from gwnet.engine.memory import estimate
+    from gwnet.engine.memory import estimate, peak_rss_bytes
     from gwnet.models import build_model_from_config
     from gwnet.scale.backbone import checkpoint_layers
     n, b, ckpt = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
@@ -198,10 +188,10 @@ MEASURE = textwrap.dedent("""
     model.train()
     (model(x[:1]) - y[:1]).abs().mean().backward()
     opt.zero_grad(set_to_none=True)
-    base = peak_rss()
+    base = peak_rss_bytes()
     (model(x) - y).abs().mean().backward()
     opt.step()
-    peak = peak_rss()
+    peak = peak_rss_bytes()
     e = estimate(cfg, n, b)
     print(json.dumps({"increase": peak - base, "estimate": e.total_bytes - e.parameter_bytes}))
 """)
@@ -239,3 +229,24 @@ def test_trainer_warns_and_trains_a_model_without_layers_unchanged(tiny_dataset,
     cfg.train.activation_checkpointing, cfg.train.progress, cfg.train.device = True, False, "cpu"
     with pytest.warns(UserWarning, match="no residual layers"):
         Trainer(cfg).close()
+
+
+def test_peak_rss_is_the_process_own_not_its_parent_s():
+    """Linux carries ru_maxrss over exec from the parent: a small child of a large process
+    must still report its own peak."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux's /proc")
+    ballast = bytearray(1 << 30)  # the parent grows by 1 GiB (zeroed pages are touched)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])
+    child = textwrap.dedent("""
+        import json, resource
+        from gwnet.engine.memory import peak_rss_bytes
+        print(json.dumps([peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))
+    """)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env,
+                         check=True, timeout=120)
+    own, inherited = json.loads(out.stdout.strip().splitlines()[-1])
+    del ballast
+    assert inherited >= 1 << 30  # the setup holds: ru_maxrss starts at the parent's size
+    assert own < 1 << 30

@@ -12,7 +12,7 @@ estimate exceeds ``train.memory_limit_gb`` -- or, when that is ``None``, the mem
 now: ``MemAvailable`` of ``/proc/meminfo`` on CPU, the free memory of the GPU on CUDA (no
 limit where neither can be read).
 
-The activation formula was checked against the growth of peak RSS (``VmHWM``) over one
+The activation formula was checked against the growth of peak RSS (:func:`peak_rss_bytes`) over one
 training step (improved preset, 12 steps, batch 64) in a fresh process, after a warm-up step
 at batch 1 (``tests/test_memory.py``). With glibc's mmap threshold fixed
 (``MALLOC_MMAP_THRESHOLD_=65536``), RSS follows the live tensors: estimate +3% at 100 and
@@ -20,10 +20,10 @@ at batch 1 (``tests/test_memory.py``). With glibc's mmap threshold fixed
 as large blocks are freed, which then stay in the heap) RSS is 16-21% above the estimate
 without checkpointing and 2.5 times it with checkpointing (measured with an earlier form of
 the estimate, before its checkpointing term stopped counting the recomputed layer's input
-twice): set that variable (or use another allocator) to get the memory checkpointing saves. ``--malloc reuse`` (and ``auto`` where an
-activation is above glibc's 32 MiB mmap ceiling, :mod:`gwnet.engine.allocator`) keeps every
-freed block in the heap: faster steps at large graphs, RSS above the estimate as with glibc's
-grown threshold.
+twice): set that variable (or use another allocator) to get the memory checkpointing
+saves. ``--malloc reuse`` (and ``auto`` where an activation is above glibc's 32 MiB mmap
+ceiling, :mod:`gwnet.engine.allocator`) keeps every freed block in the heap: faster steps
+at large graphs, RSS above the estimate as with glibc's grown threshold.
 """
 from __future__ import annotations
 
@@ -222,6 +222,24 @@ def available_bytes(device: torch.device) -> Optional[float]:
     except OSError:
         pass
     return None
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """This process's peak resident memory: its own high-water mark (``VmHWM``) on Linux.
+
+    ``ru_maxrss`` is the fallback elsewhere, but on Linux it is carried over ``exec`` from the
+    parent, so a child of a large process (pytest, a benchmark driver) would report at least
+    the parent's size. ``None`` where neither can be read."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def memory_limit(limit_gb: Optional[float], device: torch.device) -> Optional[float]:
