@@ -17,14 +17,17 @@ Models with the same weights on the same inputs (improved preset, METR-LA graph 
 
 It checks that outputs and gradients agree (1e-4 relative), times a training step (forward,
 backward, Adam) and inference with the models interleaved (medians, ratios against the
-reference), profiles one training step of each model by part (``step_profile.py``:
+reference) beside the arithmetic of each (``arithmetic.py``: GFLOP counted with sparse
+products by their non-zeros, the rate achieved, its share of this machine's large-GEMM
+rate measured in the same run, and ``floor_s``, the time at that rate: how far a model is
+from the hardware, and the largest ratio to the reference its arithmetic allows), profiles one training step of each model by part (``step_profile.py``:
 temporal convolutions and gate, graph-conv propagation, graph-conv projections, skip path,
 batch norm, dropout, optimizer step, rest), measures the data path (peak memory and batch
 assembly over one epoch of a METR-LA-sized series, in a fresh process) and prints a scaling
 table of step time against nodes and batch size on sparse random road-like graphs (~8
 neighbours per node). ``--background-load`` runs the timings while a second process keeps
-one core busy. With ``--device cuda`` the timings run in bf16 autocast and report achieved
-TFLOP/s. ``--malloc reuse`` keeps glibc's freed memory for reuse in the timing process
+one core busy. With ``--device cuda`` the timings run in bf16 autocast (and the GEMM rate
+is bf16's). ``--malloc reuse`` keeps glibc's freed memory for reuse in the timing process
 (what ``gwnet-train --malloc reuse`` sets), for every model alike: the reference allocates
 its concatenations and einsum outputs anew each step, and with glibc's default settings
 part of them is mapped and page-faulted anew each time, so its time depends on the
@@ -55,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import shared_reference  # noqa: E402
 from reference_gwnet import ReferenceGWNet  # noqa: E402
 from step_profile import LABEL, profile_step  # noqa: E402
+from arithmetic import count_flops, gemm_rate  # noqa: E402
 
 from gwnet.config import GWNetConfig  # noqa: E402
 from gwnet.data.graph import read_graph  # noqa: E402
@@ -168,13 +172,6 @@ def check_equal(adj, device):
     return out
 
 
-def flops_of(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def models(adj, device, bf16_copy=False):
     """{name: model} sharing one set of weights, the reference's, and the baseline's name.
     With ``bf16_copy``, also ``fast bf16``: a second copy of ``fast`` to run under autocast."""
@@ -226,25 +223,31 @@ def want_bf16(args) -> bool:
     return args.device == "cpu" and (args.bf16 == "on" or (args.bf16 == "auto" and native_bf16()))
 
 
-def headline(adj, args, device, bf16):
+def headline(adj, args, device, bf16, measure_rate):
+    """Timings with the arithmetic of each step: counted GFLOP, the rate achieved, its share
+    of this machine's large-GEMM FLOP/s (``measure_rate()``, the better of a measurement
+    before and one after the timings), the time the arithmetic would take at that rate
+    (``floor_s``) and the reference's measured time over that floor. Returns the rows, the
+    baseline's name and the GEMM rate."""
     nets, baseline = models(adj, device, bf16_copy=want_bf16(args))
     x, y = inputs(nets["fast"].config, args.batch, device)
     steps = {name: make_steps(m, x, y, device, bf16 or name == "fast bf16") for name, m in nets.items()}
-    rows = []
+    rate = measure_rate()
+    measured = []
     for kind, index in (("train step", 0), ("inference", 1)):
         fns = {name: s[index] for name, s in steps.items()}
-        t = timed(fns, args.repeats, device)
-        flops = {name: flops_of(fn) for name, fn in fns.items()} if device == "cuda" else {}
-        for name in fns:
-            row = dict(measure=kind, model=name, seconds=t[name], samples_s=args.batch / t[name],
-                       vs_reference=t["reference"] / t[name], vs_dense=t["dense"] / t[name])
-            if flops:
-                row["counted_tflop"] = flops[name] / 1e12
-                row["tflop_s"] = flops[name] / t[name] / 1e12
-                # the reference's dense FLOPs per second of this model: comparable across models
-                row["ref_equiv_tflop_s"] = flops["reference"] / t[name] / 1e12
-            rows.append(row)
-    return rows, baseline
+        measured.append((kind, timed(fns, args.repeats, device), {n: count_flops(f) for n, f in fns.items()}))
+    rate = max(rate, measure_rate())
+    rows = []
+    for kind, t, flops in measured:
+        for name in t:
+            floor = flops[name] / rate
+            rows.append(dict(measure=kind, model=name, seconds=t[name], samples_s=args.batch / t[name],
+                             vs_reference=t["reference"] / t[name], vs_dense=t["dense"] / t[name],
+                             gflop=flops[name] / 1e9, gflop_s=flops[name] / t[name] / 1e9,
+                             of_gemm_rate=floor / t[name], floor_s=floor,
+                             vs_reference_at_floor=t["reference"] / floor))
+    return rows, baseline, rate
 
 
 def profile(adj, args, device):
@@ -433,10 +436,16 @@ def main(argv=None) -> None:
         print(report[-1])
     if "headline" not in args.skip:
         with load:
-            rows, baseline = headline(adj, args, device, bf16)
+            precision = torch.bfloat16 if bf16 else torch.float32
+            size = 512 if args.quick else 8192 if device == "cuda" else 2048
+            rows, baseline, rate = headline(adj, args, device, bf16,
+                                            lambda: gemm_rate(device, precision, size=size))
+            print(f"GEMM rate: {rate / 1e9:.0f} GFLOP/s ({size}^3 {'bf16' if bf16 else 'fp32'} matrix "
+                  f"product, {args.threads} threads, the better of before and after the timings)")
         headline_rows = rows
         report.append(write_table(rows, out / "headline", f"Training step and inference, batch {args.batch}, "
-                                                           f"{allocator}; reference = {baseline}"))
+                                                           f"{allocator}; reference = {baseline}; "
+                                                           f"GEMM rate {rate / 1e9:.0f} GFLOP/s"))
         print(report[-1])
     if "profile" not in args.skip:
         with load:

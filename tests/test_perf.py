@@ -192,6 +192,18 @@ def test_benchmark_runs_end_to_end_and_writes_its_tables(tmp_path, capsys):
     assert {r["model"] for r in rows} >= {"fast", "dense", "reference"}
     ref_rows = [r for r in rows if r["model"] == "reference"]
     assert all(float(r["vs_reference"]) == 1.0 for r in ref_rows)
+    # Each step's arithmetic beside its time: fast's sparse fixed supports and Horner scheme
+    # do less of it than the reference's dense einsums; the floor is the same count at the
+    # GEMM rate the run measured, and the reference's time is read against it.
+    for measure in ("train step", "inference"):
+        by = {r["model"]: r for r in rows if r["measure"] == measure}
+        assert 0 < float(by["fast"]["gflop"]) < float(by["reference"]["gflop"])
+        for r in by.values():
+            floor = float(r["floor_s"])
+            assert float(r["of_gemm_rate"]) == pytest.approx(floor / float(r["seconds"]), rel=1e-2)
+            assert float(r["vs_reference_at_floor"]) == pytest.approx(
+                float(by["reference"]["seconds"]) / floor, rel=1e-2)
+    assert "GEMM rate" in printed
     expected = "reference implementation (../shared" if shared_reference.available() else "re-implementation"
     assert expected in printed
     profile = list(csv.DictReader(open(tmp_path / "profile.csv")))
@@ -220,3 +232,31 @@ def test_benchmark_malloc_reuse_is_applied_to_the_timing_process(tmp_path):
                            "scaling", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "freed memory kept for reuse" in (tmp_path / "headline.md").read_text()
+
+
+def test_arithmetic_counts_the_graph_convs_products_as_computed():
+    """The benchmark's FLOP count of one fast graph convolution, forward and backward, is
+    the arithmetic of its products worked out by hand: the in-place accumulations
+    (``addmm_``) counted, the CSR support by its non-zeros, the dense (adaptive) one as
+    N x N, with its gradient. torch's own table misses the accumulations and counts sparse
+    products as dense."""
+    from gwnet.nn import DiffusionGraphConv
+
+    arithmetic = _load("arithmetic")
+    torch.manual_seed(0)
+    n, length, batch, cin, cout, order = NODES, 3, 4, 6, 5, 2
+    sparse = (_graph()[0] * (torch.rand(n, n) < 0.3)).to_sparse_csr()
+    nnz = sparse._nnz()
+    assert 0 < nnz < n * n / 4
+    adaptive = torch.softmax(torch.randn(n, n), 1).requires_grad_()
+    conv = DiffusionGraphConv(cin, cout, num_supports=2, order=order, kernel="fast")
+    x = torch.randn(n, length, batch, cin, requires_grad=True)
+    rows, width = n * length * batch, length * batch * cout
+
+    projections = 2 * rows * cin * cout * (1 + 2 * order)
+    forward = projections + order * (2 * nnz * width + 2 * n * n * width)
+    assert arithmetic.count_flops(lambda: conv(x, [sparse, adaptive])) == forward
+    # Backward: the input and weight gradients of every projection, each propagation again
+    # (transposed), and the adaptive adjacency's gradient, one N x N product per power.
+    backward = 2 * projections + order * (2 * nnz * width + 2 * 2 * n * n * width)
+    assert arithmetic.count_flops(lambda: conv(x, [sparse, adaptive]).sum().backward()) == forward + backward
