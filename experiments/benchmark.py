@@ -20,7 +20,8 @@ backward, Adam) and inference with the models interleaved (medians, ratios again
 reference) beside the arithmetic of each (``arithmetic.py``: GFLOP counted with sparse
 products by their non-zeros, the rate achieved, its share of this machine's large-GEMM
 rate measured in the same run, and ``floor_s``, the time at that rate: how far a model is
-from the hardware, and the largest ratio to the reference its arithmetic allows), profiles one training step of each model by part (``step_profile.py``:
+from the hardware, and the largest ratio to the reference its arithmetic allows),
+profiles one training step of each model by part (``step_profile.py``:
 temporal convolutions and gate, graph-conv propagation, graph-conv projections, skip path,
 batch norm, dropout, optimizer step, rest), measures the data path (peak memory and batch
 assembly over one epoch of a METR-LA-sized series, in a fresh process) and prints a scaling
@@ -225,29 +226,32 @@ def want_bf16(args) -> bool:
 
 def headline(adj, args, device, bf16, measure_rate):
     """Timings with the arithmetic of each step: counted GFLOP, the rate achieved, its share
-    of this machine's large-GEMM FLOP/s (``measure_rate()``, the better of a measurement
-    before and one after the timings), the time the arithmetic would take at that rate
-    (``floor_s``) and the reference's measured time over that floor. Returns the rows, the
-    baseline's name and the GEMM rate."""
+    of this machine's large-GEMM FLOP/s in the model's precision (``measure_rate(dtype)``,
+    the better of a measurement before and one after the timings), the time the arithmetic
+    would take at that rate (``floor_s``) and the reference's measured time over that floor.
+    Returns the rows, the baseline's name and the GEMM rate of each precision."""
     nets, baseline = models(adj, device, bf16_copy=want_bf16(args))
     x, y = inputs(nets["fast"].config, args.batch, device)
     steps = {name: make_steps(m, x, y, device, bf16 or name == "fast bf16") for name, m in nets.items()}
-    rate = measure_rate()
+    precision = {name: "bf16" if bf16 or name == "fast bf16" else "fp32" for name in nets}
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    rates = {p: measure_rate(dtypes[p]) for p in sorted(set(precision.values()))}
     measured = []
     for kind, index in (("train step", 0), ("inference", 1)):
         fns = {name: s[index] for name, s in steps.items()}
         measured.append((kind, timed(fns, args.repeats, device), {n: count_flops(f) for n, f in fns.items()}))
-    rate = max(rate, measure_rate())
+    rates = {p: max(r, measure_rate(dtypes[p])) for p, r in rates.items()}
     rows = []
     for kind, t, flops in measured:
         for name in t:
+            rate = rates[precision[name]]
             floor = flops[name] / rate
             rows.append(dict(measure=kind, model=name, seconds=t[name], samples_s=args.batch / t[name],
                              vs_reference=t["reference"] / t[name], vs_dense=t["dense"] / t[name],
                              gflop=flops[name] / 1e9, gflop_s=flops[name] / t[name] / 1e9,
-                             of_gemm_rate=floor / t[name], floor_s=floor,
+                             gemm_gflop_s=rate / 1e9, of_gemm_rate=floor / t[name], floor_s=floor,
                              vs_reference_at_floor=t["reference"] / floor))
-    return rows, baseline, rate
+    return rows, baseline, rates
 
 
 def profile(adj, args, device):
@@ -436,16 +440,16 @@ def main(argv=None) -> None:
         print(report[-1])
     if "headline" not in args.skip:
         with load:
-            precision = torch.bfloat16 if bf16 else torch.float32
             size = 512 if args.quick else 8192 if device == "cuda" else 2048
-            rows, baseline, rate = headline(adj, args, device, bf16,
-                                            lambda: gemm_rate(device, precision, size=size))
-            print(f"GEMM rate: {rate / 1e9:.0f} GFLOP/s ({size}^3 {'bf16' if bf16 else 'fp32'} matrix "
-                  f"product, {args.threads} threads, the better of before and after the timings)")
+            rows, baseline, rates = headline(adj, args, device, bf16,
+                                             lambda dtype: gemm_rate(device, dtype, size=size))
+        gemm = ", ".join(f"{p} {r / 1e9:.0f}" for p, r in rates.items())
+        print(f"GEMM rate, GFLOP/s: {gemm} ({size}^3 matrix product, {args.threads} threads, "
+              "the better of before and after the timings)")
         headline_rows = rows
         report.append(write_table(rows, out / "headline", f"Training step and inference, batch {args.batch}, "
                                                            f"{allocator}; reference = {baseline}; "
-                                                           f"GEMM rate {rate / 1e9:.0f} GFLOP/s"))
+                                                           f"GEMM rate, GFLOP/s: {gemm}"))
         print(report[-1])
     if "profile" not in args.skip:
         with load:

@@ -200,6 +200,7 @@ def test_benchmark_runs_end_to_end_and_writes_its_tables(tmp_path, capsys):
         assert 0 < float(by["fast"]["gflop"]) < float(by["reference"]["gflop"])
         for r in by.values():
             floor = float(r["floor_s"])
+            assert floor == pytest.approx(float(r["gflop"]) / float(r["gemm_gflop_s"]), rel=1e-2)
             assert float(r["of_gemm_rate"]) == pytest.approx(floor / float(r["seconds"]), rel=1e-2)
             assert float(r["vs_reference_at_floor"]) == pytest.approx(
                 float(by["reference"]["seconds"]) / floor, rel=1e-2)
