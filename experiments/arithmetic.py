@@ -1,4 +1,4 @@
-"""How much arithmetic a step does, and how fast this machine can do arithmetic at all.
+"""How much arithmetic a step does.
 
 :func:`count_flops` is torch's FLOP counter (``torch.utils.flop_counter``) with the matrix
 products counted the way gwnet runs them: the in-place accumulations (``addmm_``: the
@@ -7,13 +7,11 @@ table leaves out, are counted, and a product with a sparse operand counts
 :math:`2\\,\\mathrm{nnz}\\,n` instead of the dense :math:`2mkn` (a CSR road graph has 8
 non-zeros a row, not 207). Convolutions and the rest keep torch's formulas.
 
-:func:`gemm_rate` times one large square product: the rate the machine's BLAS reaches,
-against which a model's achieved rate and its time at that rate (its arithmetic floor)
-are read.
+The benchmark reads these counts against the rate of one large square product
+(``benchmark.gemm_rate``): a model's achieved rate and its time at that rate (its
+arithmetic floor).
 """
 from __future__ import annotations
-
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -65,23 +63,3 @@ def count_flops(fn) -> int:
     with FlopCounterMode(display=False, custom_mapping=PRODUCTS) as counter:
         fn()
     return counter.get_total_flops()
-
-
-def gemm_rate(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int = 2048,
-              repeats: int = 5) -> float:
-    """FLOP/s of a ``size``-cubed matrix product on ``device`` in ``dtype``, with the
-    threads the process has: the best of ``repeats`` after one warm-up, as the rate the
-    machine reaches (interference only ever slows it)."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    times = []
-    for i in range(repeats + 1):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - start)
-    return 2 * size ** 3 / min(times)

@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import shared_reference  # noqa: E402
 from reference_gwnet import ReferenceGWNet  # noqa: E402
 from step_profile import LABEL, profile_step  # noqa: E402
-from arithmetic import count_flops, gemm_rate  # noqa: E402
+from arithmetic import count_flops  # noqa: E402
 
 from gwnet.config import GWNetConfig  # noqa: E402
 from gwnet.data.graph import read_graph  # noqa: E402
@@ -130,8 +130,9 @@ def make_steps(model, x, y, device, bf16):
     return train, infer
 
 
-def timed(fns: dict, repeats: int, device: str) -> dict[str, float]:
-    """Median seconds per call, the models interleaved so that load noise hits all alike."""
+def timed(fns: dict, repeats: int, device: str, reduce=statistics.median) -> dict[str, float]:
+    """Seconds per call (the median of ``repeats``, or ``reduce`` of them), the models
+    interleaved so that load noise hits all alike."""
     for fn in fns.values():  # warm-up
         fn()
     times = {k: [] for k in fns}
@@ -142,7 +143,16 @@ def timed(fns: dict, repeats: int, device: str) -> dict[str, float]:
             fn()
             sync(device)
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: reduce(v) for k, v in times.items()}
+
+
+def gemm_rate(device: str, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+    """FLOP/s of a ``size``-cubed matrix product on ``device`` in ``dtype``, with the
+    threads the process has: the best of ``repeats`` after one warm-up, as the rate the
+    machine reaches (interference only ever slows it)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    return 2 * size ** 3 / timed({"gemm": lambda: a @ b}, repeats, device, reduce=min)["gemm"]
 
 
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:

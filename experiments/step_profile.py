@@ -10,8 +10,8 @@ time, so nothing is counted twice) goes to one part:
   the autograd sequence number), so a backward GEMM lands where its forward GEMM was;
 * whatever the operator, a few kinds go to their own part: dropout (drawing and
   thresholding the mask: ``rand``/``random_``/``bitwise_and_``/``bernoulli``/``ge``; the
-  product with the mask stays with the part around it), batch norm, ``tanh``/``sigmoid`` (to the temporal part: the reference
-  gates outside its modules), and inside a graph convolution the propagation (an operand of
+  product with the mask stays with the part around it), batch norm, ``tanh``/``sigmoid``
+  (to the temporal part: the reference gates outside its modules), and inside a graph convolution the propagation (an operand of
   the adjacency's ``N x N`` shape or a sparse one, with everything called under it) versus
   the projections (the rest);
 * the optimizer step is labelled by the caller; the rest (loss, the reference's gate
