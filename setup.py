@@ -36,13 +36,20 @@ setup(
         # graphs from torch_geometric.data.Data (gwnet.data.graph.graph_from_pyg); duck-typed,
         # so a PyG edge_index tensor works without it
         "pyg": ["torch_geometric>=2.4"],
-        "test": ["pytest>=7", "pyarrow>=12", "torchao>=0.18,<0.19", "tensorboard>=2.14", "torch_geometric>=2.4"],
+        # gwnet-export --format onnx (torch's exporter writes through onnxscript; onnxruntime checks it)
+        "export": ["onnxscript>=0.5", "onnxruntime>=1.20"],
+        # gwnet-serve
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        "test": ["pytest>=7", "pyarrow>=12", "torchao>=0.18,<0.19", "tensorboard>=2.14", "torch_geometric>=2.4",
+                 "onnxscript>=0.5", "onnxruntime>=1.20", "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
     },
     entry_points={
         "console_scripts": [
             "gwnet-train=gwnet.cli.train:main",
             "gwnet-predict=gwnet.cli.predict:main",
             "gwnet-data=gwnet.cli.data:main",
+            "gwnet-export=gwnet.cli.export:main",
+            "gwnet-serve=gwnet.cli.serve:main",
         ]
     },
 )

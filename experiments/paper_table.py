@@ -14,13 +14,16 @@ short                  improved, trained on horizons 1-6 only (the ensemble's sh
 mlp                    no graph: a per-sensor MLP over the input window (gwnet's ``mlp`` model;
                        beyond the paper's table, so only with ``--rows ... mlp``)
 ensemble               per horizon, the better on validation of ``short`` and ``finetuned``
+distilled              the ``finetuned`` model trained further on the ensemble's forecasts (knowledge
+                       distillation, ``gwnet-train --init-from --teacher``; only when asked for)
+distilled_mlp          the ``mlp`` model trained on the ensemble's forecasts (only when asked for)
 last_value             each sensor's last reading, repeated
 historical_average     each sensor's mean speed at the time of day, from the training data
 =====================  ===================================================================
 
 The paper ensembled a short-horizon model with a long-horizon one; the long member here is
-``finetuned``, the paper's best single model. Asking for ``ensemble`` trains both members even
-when their rows are not asked for.
+``finetuned``, the paper's best single model. Asking for ``ensemble`` (or a distilled row,
+whose teachers they are) trains both members even when their rows are not asked for.
 
 A *budget* (``--budget``: a file in ``budgets/`` or a path) is an overlay of options applied
 on top of every row's config: ``paper`` changes nothing (100 epochs etc.), ``smoke`` trains
@@ -62,9 +65,10 @@ from gwnet.cli.common import run_cli
 from gwnet.config import (Config, DataConfig, fields_filled_from_data, fields_with_role, flatten,
                           read_config_file, update)
 from gwnet.data import TrafficData, load_data
-from gwnet.engine import Interrupted, MetricAccumulator, RunDir, resolve_device, run_finished, train
+from gwnet.engine import Interrupted, MetricAccumulator, RunDir, resolve_device, run_finished
 from gwnet.engine.baselines import evaluate_baseline
 from gwnet.ensemble import Ensemble, load_members, plot_mae_by_horizon
+from gwnet.ensemble.distill import train as distil_train
 from gwnet.errors import GWNetError, file_error
 
 HERE = Path(__file__).resolve().parent
@@ -78,6 +82,9 @@ TRAINED = {
     "finetuned": "Improved, pretrained on horizons 1-6, finetuned on 1-12",
     "short": "Improved, horizons 1-6 only (ensemble member)",
     "mlp": "No graph: per-sensor MLP over the input window",
+    # Trained against the ensemble row's forecasts (its members of the same seed): after them.
+    "distilled": "Distilled: finetuned, trained further on the ensemble's forecasts",
+    "distilled_mlp": "Distilled MLP: the per-sensor MLP trained on the ensemble's forecasts",
 }
 ENSEMBLE_ROW = "ensemble"
 ENSEMBLE_MEMBERS = ("short", "finetuned")  # short-horizon first, as the paper combined them
@@ -86,16 +93,19 @@ BASELINES = {
     "last_value": "Last value",
     "historical_average": "Historical average (sensor, time of day)",
 }
-LABELS = {**TRAINED, ENSEMBLE_ROW: "Ensemble: short (1-6) + finetuned, per horizon", **BASELINES}
+DISTILLED = ("distilled", "distilled_mlp")  # students of the ensemble row (gwnet-train --teacher)
+LABELS = {**{k: v for k, v in TRAINED.items() if k not in DISTILLED},
+          ENSEMBLE_ROW: "Ensemble: short (1-6) + finetuned, per horizon",
+          **{k: TRAINED[k] for k in DISTILLED}, **BASELINES}
 ALL_ROWS = tuple(LABELS)  # table order
 # Rows beyond the paper's table, produced when asked for (--rows ... mlp).
-BEYOND_PAPER = ("mlp",)
+BEYOND_PAPER = ("mlp", *DISTILLED)
 ROWS = tuple(r for r in ALL_ROWS if r not in BEYOND_PAPER)  # the default: the paper's rows
 # The data options of the baselines (horizon 12, the paper's missing-value handling).
 BASELINE_DATA_ROW = "improved"
 
 REPORTED = ("3", "6", "12", "mean")  # horizons of the table; "mean" averages horizons 1..12
-METRICS = ("mae", "rmse", "mape")
+METRICS = ("mae", "rmse", "mape_pct")
 OUTPUTS = ("paper_table.md", "paper_table.csv", "per_horizon.csv", "mae_by_horizon.png")
 # Roles of options that may change between invocations without changing what a run directory
 # holds: where and how it runs, and what follows from the data.
@@ -179,6 +189,11 @@ def row_config(row: str, budget: Budget, source: dict[str, str], seed: int, out:
     cfg = _row_file_config(row)
     update(cfg, budget.for_row(cfg), source=f"budget {budget.name}")
     update(cfg, {"data": source, "train": {"seed": seed}}, source="command line")
+    if row in DISTILLED:  # the ensemble row's members of this seed are the teachers
+        teachers = [str(run_dir(out, member, seed).resolve()) for member in ENSEMBLE_MEMBERS]
+        update(cfg, {"train": {"teacher": teachers, "teacher_strategy": ENSEMBLE_STRATEGY}}, source="ensemble row")
+        if row == "distilled":  # one Graph WaveNet: the long member, fine-tuned against the ensemble
+            update(cfg, {"train": {"init_from": teachers[-1]}}, source="ensemble row")
     cfg.out = str(run_dir(out, row, seed))
     return cfg.validate()
 
@@ -239,7 +254,7 @@ def train_row(cfg: Config) -> pd.DataFrame:
     log.info("%s: %s", root, "resuming" if resuming else "training")
     started = time.perf_counter()
     # resume=True also starts a fresh run: the trainer restarts when there is nothing to resume.
-    result = train(cfg, resume=True)
+    result = distil_train(cfg, resume=True)  # gwnet's trainer; with the teachers' forecasts for students
     log.info("%s: done in %.0f s", root, time.perf_counter() - started)
     return result.test_metrics
 
@@ -275,7 +290,7 @@ def baseline_rows(names: Sequence[str], data: TrafficData) -> dict[str, pd.DataF
 class Table:
     """Every row's test metrics, and the files written from them."""
 
-    scores: pd.DataFrame  # long: row, seed, horizon (1..H, mean), mae, rmse, mape (fraction)
+    scores: pd.DataFrame  # long: row, seed, horizon (1..H, mean), mae, rmse, mape_pct
     summary: pd.DataFrame  # one line per row: label, seeds, <metric>_<h> and <metric>_<h>_std
     markdown: str
     files: list[Path]
@@ -293,7 +308,8 @@ def run_table(out: str | Path, rows: Sequence[str] = ROWS, budget: Budget | None
     if seeds < 1:
         raise GWNetError(f"--seeds must be at least 1, got {seeds}")
     rows = [r for r in ALL_ROWS if r in rows]  # table order, each once
-    needed = {r for r in rows if r in TRAINED} | (set(ENSEMBLE_MEMBERS) if ENSEMBLE_ROW in rows else set())
+    with_members = ENSEMBLE_ROW in rows or any(r in DISTILLED for r in rows)
+    needed = {r for r in rows if r in TRAINED} | (set(ENSEMBLE_MEMBERS) if with_members else set())
     tables: dict[str, dict[int, pd.DataFrame]] = {r: {} for r in rows}
     # Seed-major: each seed's rows complete before the next seed starts, so an interrupted
     # table run has whole seeds to show.
@@ -336,7 +352,6 @@ def long_scores(tables: dict[str, dict[int, pd.DataFrame]], horizon: int) -> pd.
 def summarize(scores: pd.DataFrame, rows: Sequence[str]) -> pd.DataFrame:
     """Mean and std over seeds at the reported horizons, one line per row; MAPE in %."""
     picked = scores[scores["horizon"].isin(REPORTED)].copy()
-    picked["mape"] *= 100
     stats = picked.groupby(["row", "horizon"])[list(METRICS)].agg(["mean", "std"])
     # Horizons a row lacks (the short model's 12 and mean) become empty cells.
     stats = stats.reindex(pd.MultiIndex.from_product([rows, REPORTED], names=["row", "horizon"]))
@@ -347,7 +362,7 @@ def summarize(scores: pd.DataFrame, rows: Sequence[str]) -> pd.DataFrame:
         at = stats.xs(h, level="horizon")
         tag = "mean" if h == "mean" else f"h{h}"
         for metric in METRICS:
-            name = f"{'mape_pct' if metric == 'mape' else metric}_{tag}"
+            name = f"{metric}_{tag}"
             summary[name] = at[(metric, "mean")]
             summary[f"{name}_std"] = at[(metric, "std")]
     return summary

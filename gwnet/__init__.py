@@ -14,10 +14,22 @@ from .models import MLPConfig, build_model_from_config, register_model, unregist
 from .engine import EpochListener, RunResult, Trainer, evaluate, load_trained, make_trainer, train
 from .errors import GWNetError
 from .nn import GWNet, load_for_more_horizons, load_reference_checkpoint
+from .intervals import OnlineConformal
 
 __all__ = [
     "__version__", "Config", "DataConfig", "GWNetConfig", "ModelConfig", "TrainConfig", "opt", "TrafficData",
     "load_data", "MLPConfig", "build_model_from_config", "register_model", "unregister_model",
     "EpochListener", "RunResult", "Trainer", "evaluate", "load_trained", "make_trainer", "train",
     "GWNetError", "GWNet", "load_for_more_horizons", "load_reference_checkpoint",
+    "OnlineConformal", "predict_intervals",
 ]
+
+
+def __getattr__(name: str):
+    # predict_intervals lives with the ensembles (plots, tables): imported on first use, so
+    # that ``import gwnet`` stays light.
+    if name == "predict_intervals":
+        from .ensemble.forecast_intervals import predict_intervals
+
+        return predict_intervals
+    raise AttributeError(f"module 'gwnet' has no attribute {name!r}")

@@ -1,10 +1,11 @@
-"""``python -m gwnet {train,predict,data} ...``: the console scripts under one entry point
+"""``python -m gwnet {train,predict,data,export,serve} ...``: the console scripts under one entry point
 (what ``torchrun -m gwnet train ...`` launches)."""
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"train": "gwnet.cli.train", "predict": "gwnet.cli.predict", "data": "gwnet.cli.data"}
+COMMANDS = {"train": "gwnet.cli.train", "predict": "gwnet.cli.predict", "data": "gwnet.cli.data",
+            "export": "gwnet.cli.export", "serve": "gwnet.cli.serve"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,10 +3,14 @@
 A reader (or a run killed mid-write) sees either the old file or the complete new one,
 never a truncated file. :func:`atomic_directory` does the same for a directory of results
 written together (gwnet-predict's, an ``.npz`` export): never a mix of old and new files.
+Every temporary carries :data:`gwnet.paths.TEMP_MARK` in its name, and only names with it
+are ever deleted or put back as leftovers of a killed process.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -14,6 +18,12 @@ from pathlib import Path
 from typing import Collection, Iterator
 
 from .errors import file_error
+from .paths import TEMP_MARK, is_temporary
+
+# Errors of a place that cannot take a write (full, read-only, over quota, forbidden, a file where
+# a folder belongs): the command-line tools say them in one line (gwnet.cli.common.run_cli).
+DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG,
+               errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ELOOP)
 
 
 @contextlib.contextmanager
@@ -21,7 +31,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", suffix=".tmp", dir=path.parent)
     os.close(fd)
     # mkstemp creates the file private (0600); give it the permissions a plain open() would.
     umask = os.umask(0)
@@ -44,12 +54,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def _aside(path: Path) -> Path:
     """Where :func:`atomic_directory` keeps the previous result while the new one moves in."""
-    return path.parent / f".{path.name}.old"
+    return path.parent / f".{path.name}{TEMP_MARK}old"
 
 
 def _stage_prefix(path: Path, pid: int | None = None) -> str:
     """How the directories a new result is written in begin (they end in ``.tmp``)."""
-    return f".{path.name}.new-{os.getpid() if pid is None else pid}-"
+    return f".{path.name}{TEMP_MARK}new-{os.getpid() if pid is None else pid}-"
 
 
 def _alive(pid: int) -> bool:
@@ -66,7 +76,7 @@ def _recover(path: Path) -> None:
     """Finish a replacement that a kill interrupted: the previous result comes back if the new
     one never moved in, and is deleted if it had; half-written results of processes that are
     gone are deleted."""
-    start = f".{path.name}.new-"
+    start = f".{path.name}{TEMP_MARK}new-"
     if path.parent.is_dir():
         for stage in path.parent.iterdir():
             pid = stage.name[len(start):].split("-")[0]
@@ -95,8 +105,7 @@ def check_output_directory(path: str | os.PathLike, overwrite: bool = False, our
         if real.exists() and not real.is_dir():
             raise file_error(shown, "exists and is not a directory")
         if real.is_dir():
-            held = sorted(e.name for e in real.iterdir()
-                          if not (e.name.startswith(".") and e.name.endswith(".tmp")))  # half-written files
+            held = sorted(e.name for e in real.iterdir() if not is_temporary(e.name))  # half-written files
             foreign = [name for name in held if name not in ours]
             if foreign:
                 raise file_error(shown, f"holds {foreign[0]!r}, which {what} did not write; choose another "
@@ -115,12 +124,13 @@ def check_output_directory(path: str | os.PathLike, overwrite: bool = False, our
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False, ours: Collection[str] = (),
                      what: str = "gwnet") -> Iterator[Path]:
     """Yield a new, empty directory beside ``path`` to write; on success it takes ``path``'s
-    place whole: the previous result is renamed aside, the new one renamed in, the previous one
-    deleted. A failure or a kill while writing leaves the previous result as it was (a kill
-    also leaves the hidden ``.NAME.new-PID-*.tmp`` directory beside it, which the next call
-    deletes); a kill between the two renames leaves it aside as ``.NAME.old``, where the next
-    call finds it and puts it back. What the directory may hold, and the checks before any
-    work: :func:`check_output_directory`."""
+    place whole: the two are exchanged in one rename (:func:`_exchange`), and the previous one
+    is deleted. A failure or a kill while writing leaves the previous result as it was (a kill
+    also leaves the hidden ``.NAME.gwnet-new-PID-*.tmp`` directory beside it, which the next
+    call deletes); a write that fails (a full or read-only disk) is one line. Where the system
+    cannot exchange, the previous result is renamed aside first: a kill between the two
+    renames leaves it as ``.NAME.gwnet-old``, where the next call finds it and puts it back.
+    What the directory may hold, and the checks before any work: :func:`check_output_directory`."""
     shown = Path(path)
     real = check_output_directory(shown, overwrite, ours, what)
     try:
@@ -131,11 +141,18 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False, ours: Col
     except OSError as exc:
         raise file_error(shown, f"cannot write here: {exc.strerror or exc}") from None
     try:
-        yield stage
+        try:
+            yield stage
+        except OSError as exc:  # a full or read-only disk, while the new result was written
+            raise file_error(getattr(exc, "filename", None) or shown,
+                             f"{exc.strerror or exc}; {shown} was left as it was (the partial new result "
+                             "is removed)") from None
         # Checked again: another process may have written there meanwhile.
         check_output_directory(shown, overwrite, ours, what)
         try:
-            if real.is_dir() and any(real.iterdir()):
+            if real.is_dir() and any(real.iterdir()) and _exchange(stage, real):
+                pass  # one rename swapped them: the previous result is now at ``stage``
+            elif real.is_dir() and any(real.iterdir()):
                 aside = _aside(real)
                 os.rename(real, aside)  # the complete previous result steps aside,
                 try:
@@ -159,4 +176,21 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False, ours: Col
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one rename (Linux's ``renameat2(RENAME_EXCHANGE)``): a kill at
+    any moment leaves either the previous result or the new one in place, whole. False where
+    the system or the file system cannot (the caller then renames twice)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(b))
 

@@ -37,12 +37,15 @@ from typing import Any, Optional
 
 from .atomic import atomic_write_text
 from .errors import GWNetError, file_error
+from .paths import check_input_file
 from .registry import LOGGERS, PRESETS
 
 ADJTYPES = ("transition", "doubletransition", "symnadj", "scalap", "normlap", "identity")
 ROLES = ("source", "window", "horizon", "derived", "output", "regularization", "kernel", "runtime")
 # How the CPU heap treats freed memory (gwnet.engine.allocator).
 MALLOC_POLICIES = ("auto", "reuse", "system")
+# How a student learns from its teachers (gwnet.engine.distill).
+DISTILL_MODES = ("kd", "pseudo", "fill")
 # DCRNN's chronological split (train, test shares of the windows), for data with no protocol.
 DCRNN_SPLIT = (0.7, 0.2)
 # Roles of fields a user never sets: they follow from the data.
@@ -105,16 +108,28 @@ def coerce(cls: type, name: str, value: Any, source: str) -> Any:
             if isinstance(value, bool):
                 return value
         elif kind is int:
+            number = None
             if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-                return int(value)
-            if isinstance(value, (float, str)) and float(value).is_integer():  # 5.0, "1e3"; not inf/nan
-                return int(float(value))
+                number = value
+            elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+                number = int(value)
+            elif isinstance(value, (float, str)) and float(value).is_integer():  # 5.0, "1e3"; not inf/nan
+                number = int(float(value))
+            if number is not None and abs(number) <= MAX_SEED:  # what int64 (a seed, a tensor size) holds
+                return number
         elif kind is float:
             # A number, or its text ("1e-3"); never a list, a table or a bool.
             if isinstance(value, (int, float, str)) and not isinstance(value, bool):
                 return float(value)
+        elif typing.get_origin(kind) is list:  # a list of strings (run directories)
+            if isinstance(value, str):
+                return [value]
+            if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                return list(value)
+        elif typing.get_origin(kind) is tuple:  # a list of numbers (model.quantiles)
+            if isinstance(value, (list, tuple)) and not any(isinstance(v, (bool, list, tuple, dict))
+                                                            for v in value):
+                return tuple(float(v) for v in value)
         elif isinstance(value, kind):
             return value
     except (TypeError, ValueError, OverflowError):
@@ -193,6 +208,10 @@ class ModelConfig:
     num_supports: int = opt(2, "fixed supports built from the graph", role="derived",
                                   filled=True)
     seq_len: int = opt(12, "input steps per window", role="derived")
+    quantiles: Optional[tuple[float, ...]] = opt(None, "forecast these quantile levels (sorted, in (0, 1), "
+                                                 "with 0.5, e.g. 0.05 0.5 0.95): the output layer has horizons "
+                                                 "x quantiles rows, training minimises the masked pinball loss "
+                                                 "and the median is the point forecast; none: a point forecast")
 
     def resolve(self, data: "DataConfig", num_nodes: int | None = None) -> None:
         """Fill the derived sizes from the data options (and the graph's size when known)."""
@@ -229,8 +248,10 @@ class GWNetConfig(ModelConfig):
                             "graph-conv output added to its input")
     stable_embedding: bool = opt(False, "node embeddings as a stable embedding (layer norm, "
                                  "Xavier init), for 8-bit optimizers")
-    graph_conv: str = opt("fast", "graph convolution kernel: fast, or dense (reference math)",
-                          ("fast", "dense"), role="kernel")
+    graph_conv: str = opt("auto", "graph convolution kernel: fast (Horner's scheme, CSR supports), dense "
+                          "(reference math, dense products), or auto: fast on CPU; on CUDA dense up to "
+                          "2,048 nodes or for a dense graph, else fast (the run prints its choice)",
+                          ("auto", "fast", "dense"), role="kernel")
     adaptive: str = opt("dense", "form of the adaptive adjacency: dense (N x N softmax), topk "
                         "(the adaptive_k largest entries per row, renormalised), or lowrank "
                         "(kernelised softmax of adaptive_rank random features); topk and "
@@ -319,13 +340,17 @@ class TrainConfig:
     clamp_max: Optional[float] = opt(None, "evaluation: clamp predictions to at most this; default: the "
                                      "protocol's (70 for METR-LA/PEMS-BAY), else the training maximum",
                                      filled=True)
+    cuda_graphs: str = opt("auto", "replay the training step and the forecast as CUDA graphs: auto (on CUDA "
+                           "with one process, Adam/AdamW, nan_policy stop and no teacher), on (refuse where "
+                           "they cannot work) or off", ("auto", "on", "off"), role="runtime")
     nan_policy: str = opt("stop", "non-finite loss: stop (keep the last good checkpoint) "
                           "or skip the batch", ("stop", "skip"))
     init_from: Optional[str] = opt(None, "run directory whose best model initialises this one "
                                    "(extra horizons keep their fresh weights)")
     pretrain_horizon: Optional[int] = opt(None, "first train horizons 1..N, then finetune on all "
                                           "horizons from that checkpoint")
-    progress: bool = opt(True, "show progress bars and per-epoch lines", role="runtime")
+    progress: bool = opt(True, "show progress bars on a terminal (the start line and one line per epoch are "
+                              "printed either way)", role="runtime")
     log: Optional[str] = opt(None, "extra epoch loggers, comma-separated (tensorboard: RUN_DIR/tensorboard/)",
                              role="runtime")
     fsdp: bool = opt(False, "shard with FSDP2 (launch with torchrun)")
@@ -342,6 +367,19 @@ class TrainConfig:
                       "leaves glibc's default; auto: reuse on CPU when an activation is above 32 MiB, "
                       "without activation checkpointing",
                       MALLOC_POLICIES, role="runtime")
+    # Distillation (gwnet.ensemble.distill, docs/distillation.md).
+    teacher: Optional[list[str]] = opt(None, "run directories of a teacher ensemble whose forecasts this run "
+                                       "learns from (distillation; see distill_mode)")
+    teacher_strategy: str = opt("per-horizon", "how the teachers combine per horizon, a gwnet-predict "
+                                "--strategy (mean, per-horizon, weighted, ...), fitted on validation as "
+                                "gwnet-predict fits it")
+    distill_mode: str = opt("kd", "with teachers: kd (alpha x loss on readings + (1 - alpha) x loss on the "
+                            "teachers' forecasts), pseudo (the teachers' forecasts are the targets) or fill "
+                            "(readings, the teachers' forecasts where a reading is missing)", DISTILL_MODES)
+    distill_alpha: float = opt(0.5, "kd: weight of the loss on readings (1: readings only, as without teachers)")
+    shrink_from: Optional[str] = opt(None, "Graph WaveNet run directory whose best weights initialise this "
+                                     "smaller Graph WaveNet (fewer layers per block, fewer blocks or fewer "
+                                     "channels): shrink and fine-tune")
 
     def loggers(self) -> list[str]:
         """The extra epoch loggers ``log`` names (console lines and metrics.csv are always kept)."""
@@ -400,9 +438,12 @@ class Config:
         train, test = d.split()
         if not (0 < train < 1 and 0 < test < 1 and train + test < 1):
             raise GWNetError("train_ratio and test_ratio must be in (0, 1) and sum below 1")
+        if not 0 <= d.normalized_k <= 1:  # a kernel weight lies in (0, 1]; NaN is refused too
+            raise GWNetError(f"normalized_k must be in [0, 1], got {d.normalized_k}")
         if d.step_minutes is not None and not (d.step_minutes >= 1 and 1440 % d.step_minutes == 0):
             raise GWNetError(f"step_minutes must be whole minutes dividing a day, got {d.step_minutes}")
         self.model.validate()
+        self.model.quantiles = validate_quantiles(self.model.quantiles)
         _validate_train(t)
         if t.pretrain_horizon is not None and not 1 <= t.pretrain_horizon < d.horizon:
             raise GWNetError(f"pretrain_horizon must be between 1 and horizon-1 ({d.horizon - 1})")
@@ -439,11 +480,38 @@ class Config:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Config":
-        return cls.from_dict(read_config_file(path), source=os.fspath(path))
+        """A run's saved config (``config.json``, ``pipeline.json``), checked as a run's config."""
+        cfg = cls.from_dict(read_config_file(path), source=os.fspath(path))
+        try:
+            return cfg.validate()
+        except GWNetError as exc:
+            raise file_error(path, str(exc)) from None
 
 
 MAX_SEED = 2**63 - 1
+MAX_MEMORY_GB = 2**20
 DEVICE_NAMES = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def validate_quantiles(levels) -> Optional[tuple[float, ...]]:
+    """``model.quantiles`` as a tuple of floats: sorted, distinct, in (0, 1), holding 0.5 (the
+    point forecast); ``None`` (or empty) for a point model."""
+    if levels is None or (isinstance(levels, (list, tuple)) and len(levels) == 0):
+        return None
+    if isinstance(levels, (str, bytes)) or not isinstance(levels, (list, tuple)):
+        raise GWNetError(f"quantiles must be a list of levels in (0, 1), got {levels!r}")
+    try:
+        values = tuple(float(q) for q in levels)
+    except (TypeError, ValueError):
+        raise GWNetError(f"quantiles must be numbers in (0, 1), got {list(levels)!r}") from None
+    shown = " ".join(f"{q:g}" for q in values)
+    if not all(0 < q < 1 for q in values):
+        raise GWNetError(f"quantiles must lie in (0, 1), got {shown}")
+    if 0.5 not in values:
+        raise GWNetError(f"quantiles must include 0.5 (the median is the point forecast), got {shown}")
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise GWNetError(f"quantiles must be sorted and distinct, got {shown}")
+    return values
 
 
 def _validate_train(t: TrainConfig) -> None:
@@ -482,10 +550,23 @@ def _validate_train(t: TrainConfig) -> None:
     if t.clamp_max is not None:
         if math.isnan(t.clamp_max):
             raise GWNetError("clamp_max must be a number (or none), got nan")
-        if t.clamp_min > t.clamp_max:
-            raise GWNetError(f"clamp_min {t.clamp_min:g} is above clamp_max {t.clamp_max:g}")
+        if t.clamp_min >= t.clamp_max:  # equal bounds would forecast one constant
+            raise GWNetError(f"clamp_min {t.clamp_min:g} must be below clamp_max {t.clamp_max:g}")
+    if t.memory_limit_gb is not None and not 0 < t.memory_limit_gb <= MAX_MEMORY_GB:
+        raise GWNetError(f"memory_limit_gb must be above 0 and at most {MAX_MEMORY_GB} (1 PiB), or none; "
+                         f"got {t.memory_limit_gb}")
     if not isinstance(t.device, str) or not DEVICE_NAMES.fullmatch(t.device):
         raise GWNetError(f"unknown device {t.device!r}; use cpu, cuda, cuda:N or auto")
+    finite("distill_alpha", t.distill_alpha)
+    if not 0 <= t.distill_alpha <= 1:
+        raise GWNetError(f"distill_alpha must be in [0, 1] (1: readings only), got {t.distill_alpha}")
+    if t.teacher is not None and not t.teacher:
+        raise GWNetError("teacher names no run directory (give one or more, or none)")
+    if t.shrink_from and t.init_from:
+        raise GWNetError("shrink_from and init_from both say where the weights start: give one")
+    if t.teacher and t.pretrain_horizon is not None:
+        raise GWNetError("teacher and pretrain_horizon cannot be combined (the stages have other training "
+                         "windows); distil into a plain run, or --init-from a pretrained one")
 
 
 # --- Graph WaveNet's presets (other models register theirs in gwnet.models) --------------
@@ -549,8 +630,9 @@ def update(cfg: Config, raw: dict[str, Any], source: str = "config") -> Config:
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a TOML, YAML or JSON config file into a dict."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise file_error(path, "no such config file")
+    check_input_file(path, "config file")  # a FIFO or a device would never end
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext == ".toml":
@@ -562,10 +644,10 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
             import yaml
 
             with open(path) as fh:
-                raw = yaml.safe_load(fh) or {}
+                raw = yaml.load(fh, Loader=_unique_keys_yaml_loader()) or {}
         elif ext == ".json":
             with open(path) as fh:
-                raw = json.load(fh)
+                raw = json.load(fh, object_pairs_hook=_unique_keys)
         else:
             raise file_error(path, "config files must be .toml, .yaml/.yml or .json")
     except GWNetError:
@@ -574,4 +656,35 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise file_error(path, f"cannot parse config: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
         raise file_error(path, "config must be a table of options")
+    if "preset" in raw and not isinstance(raw["preset"], str):
+        raise file_error(path, f"preset must be a name, got {raw['preset']!r}")
     return raw
+
+
+class DuplicateKey(ValueError):
+    """A config file states one option twice (the parser would keep the last silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKey(f"option {key!r} is given twice")
+        seen[key] = value
+    return seen
+
+
+@functools.cache
+def _unique_keys_yaml_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            for key in keys:
+                if keys.count(key) > 1:
+                    raise DuplicateKey(f"option {key!r} is given twice ({node.start_mark})")
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader

@@ -70,6 +70,10 @@ PRESETS: Registry = Registry("preset")
 LOGGERS: Registry = Registry("logger")
 # Filled by gwnet.ensemble.strategies: name -> Strategy.
 STRATEGIES: Registry = Registry("strategy")
+# Filled by gwnet.intervals.methods: name -> IntervalMethod subclass (calibrated forecast intervals).
+INTERVALS: Registry = Registry("interval method")
+# Filled by gwnet.serve.routes: "METHOD /path" -> Route (a gwnet-serve endpoint).
+ROUTES: Registry = Registry("service route")
 # Filled by gwnet.data.readers: file extension (".h5") -> Reader.
 READERS: Registry = Registry("reading format")
 # Filled by gwnet.data.protocols: named dataset -> DatasetSpec (files, protocol, where published).

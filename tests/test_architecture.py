@@ -52,7 +52,7 @@ def test_roles_give_the_field_lists():
     assert fields_with_role(GWNetConfig, *DERIVED_ROLES) == ("num_nodes", "in_dim", "out_dim", "num_supports",
                                                               "seq_len")
     assert set(fields_with_role(TrainConfig, "runtime")) == {"device", "progress", "log", "activation_checkpointing",
-                                                             "memmap", "memory_limit_gb", "malloc"}
+                                                             "memmap", "memory_limit_gb", "malloc", "cuda_graphs"}
     assert fields_with_role(Config, "runtime", "derived") == ("out", "arch")
 
 

@@ -61,7 +61,7 @@ def test_pems03_ids_file_and_one_feature(tmp_path):
         read_speeds(tmp_path / "PEMS03.npz", options=ReadOptions(ids=str(tmp_path / "PEMS03.txt")))
 
 
-def _stated_only(path: Path, shape: tuple) -> None:
+def _stated_only(path: Path, shape: tuple, member: str = "data.npy") -> None:
     """An npz whose member is a bare header stating ``shape``: a few bytes that would ask for TBs."""
     import io
     import zipfile
@@ -69,7 +69,7 @@ def _stated_only(path: Path, shape: tuple) -> None:
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr("data.npy", header.getvalue())
+        z.writestr(member, header.getvalue())
 
 
 @pytest.mark.parametrize("make, message", [
@@ -78,6 +78,8 @@ def _stated_only(path: Path, shape: tuple) -> None:
     (lambda p: p.write_bytes(b"PK\x03\x04 not a zip"), "not a readable .npz"),
     (lambda p: np.savez(p, data=np.array([["a"]])), "is not numeric"),
     (lambda p: _stated_only(p, (10**7, 10**4, 3)), r"states shape \(10000000, 10000, 3\) .* more than the 16 GiB"),
+    # without ".npy" numpy would still read the member, its header never bounded
+    (lambda p: _stated_only(p, (10**7, 10**4, 3), member="data"), "'data' is not stored as data.npy"),
 ])
 def test_bad_npz_is_one_line(tmp_path, make, message):
     path = tmp_path / "bad.npz"

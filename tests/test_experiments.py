@@ -143,7 +143,7 @@ def test_summary_over_seeds_is_mean_and_std():
     frames = []
     for seed, mae in enumerate((2.0, 4.0)):
         per_horizon = pd.DataFrame({"horizon": [str(h) for h in range(1, 13)] + ["mean"], "mae": mae,
-                                    "rmse": 2 * mae, "mape": 0.01 * mae})
+                                    "rmse": 2 * mae, "mape_pct": mae})
         frames.append(per_horizon.assign(row="improved", seed=seed))
     scores = pd.concat(frames, ignore_index=True)
     summary = pt.summarize(scores, ["improved"])
@@ -171,3 +171,19 @@ def test_budget_model_option_of_no_row_is_refused(tmp_path):
     bad.write_text("[model]\nresidual_chanels = 3\n")
     with pytest.raises(GWNetError, match="unknown option model.residual_chanels"):
         pt.Budget.load(str(bad))
+
+
+def test_distilled_rows_learn_from_the_ensemble_rows_members(table):
+    """The distilled rows reuse the table's ensemble members (same seed) as their teachers."""
+    result = pt.run_table(table.out, rows=["ensemble", "distilled", "distilled_mlp"], budget=table.budget,
+                          source=table.source)
+    assert list(result.summary.index) == ["ensemble", "distilled", "distilled_mlp"]
+    runs = table.out / "runs"
+    for row, arch in (("distilled", "gwnet"), ("distilled_mlp", "mlp")):
+        saved = json.loads((runs / row / "seed0" / "config.json").read_text())
+        assert saved["arch"] == arch
+        assert saved["train"]["teacher"] == [str((runs / m / "seed0").resolve()) for m in ("short", "finetuned")]
+        assert np.isfinite(result.summary.loc[row, "mae_mean"])
+    distilled = json.loads((runs / "distilled" / "seed0" / "config.json").read_text())["train"]
+    assert distilled["init_from"] == str((runs / "finetuned" / "seed0").resolve())  # starts from the long member
+    assert (runs / "distilled" / "seed0" / "teacher-cache" / "train.npy").exists()

@@ -227,7 +227,7 @@ BAD_OPTIONS = [
     ("train", "patience", 0, "patience must be at least 1"),
     ("train", "seed", -1, "seed must be between 0 and 2**63-1"),
     ("train", "seed", 2**63, "seed must be between 0 and 2**63-1"),
-    ("train", "clamp_min", 80.0, "clamp_min 80 is above clamp_max 70"),
+    ("train", "clamp_min", 80.0, "clamp_min 80 must be below clamp_max 70"),
     ("train", "null_value", float("nan"), "null_value nan marks nothing"),
     ("train", "device", "meta", "unknown device 'meta'"),
     ("train", "device", "mps", "unknown device 'mps'"),
@@ -414,20 +414,22 @@ def test_reference_tensors_of_the_wrong_rank(tmp_path, key, value, message):
 
 # --- trained runs and predictions -------------------------------------------------------------------
 def _payload():
-    return {"config": Config().to_dict(), "model": {}, "scaler": {"mean": 50.0, "std": 10.0},
-            "sensor_ids": ["a", "b"], "adjacency": torch.ones(2, 2)}
+    cfg = Config().resolve(num_nodes=2)  # consistent apart from the one edit of each case
+    return {"config": cfg.to_dict(), "model": {"w": torch.zeros(1)},
+            "scaler": {"mean": 50.0, "std": 10.0, "fill_zeroes": cfg.data.fill_zeroes},
+            "sensor_ids": ["a", "b"], "adjacency": torch.ones(2, 2), "epoch": 1, "val_mae": 1.0}
 
 
 @pytest.mark.parametrize("edit,message", [
     (lambda p: p.pop("config"), "checkpoint lacks config"),
     (lambda p: p.pop("adjacency"), "checkpoint lacks adjacency"),
     (lambda p: [p.pop(k) for k in ("model", "scaler", "sensor_ids")], "checkpoint lacks model, scaler, sensor_ids"),
-    (lambda p: p.update(sensor_ids="ab"), "entry 'sensor_ids' is a str, not a list"),
+    (lambda p: p.update(sensor_ids="ab"), "entry 'sensor_ids' is 'ab', not a list"),
     (lambda p: p.update(scaler=[50.0, 10.0]), "entry 'scaler' is a list, not a table"),
-    (lambda p: p.update(adjacency=torch.ones(3)), r"adjacency has shape \(3,\)"),
+    (lambda p: p.update(adjacency=torch.ones(3)), r"'adjacency' has shape \(3,\)"),
     (lambda p: p.update(model={"w": 1}), "'model' is not a state_dict"),
-    (lambda p: p.update(scaler={"mean": "x", "std": 1.0}), "scaler mean and std must be numbers"),
-    (lambda p: p.update(scaler={"average": 1.0}), "scaler is not a saved StandardScaler"),
+    (lambda p: p.update(scaler={"mean": "x", "std": 1.0, "fill_zeroes": True}), "scaler 'mean' is 'x', not a number"),
+    (lambda p: p.update(scaler={"average": 1.0}), "scaler 'mean' is missing"),
 ])
 def test_best_checkpoint_with_missing_or_ill_typed_entries(tmp_path, edit, message):
     from gwnet.engine import RunDir, save_checkpoint

@@ -53,8 +53,8 @@ def test_custom_listener_receives_every_epoch_and_metrics_csv_agrees(tiny_datase
     assert rec.calls == ["start@0", "epoch", "epoch", "epoch", "close"]
     assert [r["epoch"] for r in rec.records] == [1, 2, 3]
     csv = pd.read_csv(RunDir(result.run_dir).metrics)
-    keys = ["train_mae", "train_rmse", "train_mape", "grad_norm", "grad_norm_max", "val_mae", "val_rmse",
-            "val_mape", "lr", "seconds"]
+    keys = ["train_mae", "train_rmse", "train_mape_pct", "grad_norm", "grad_norm_max", "val_mae", "val_rmse",
+            "val_mape_pct", "lr", "seconds"]
     for key in keys:
         assert csv[key].tolist() == pytest.approx([r[key] for r in rec.records]), key
     best = min(range(3), key=lambda i: rec.records[i]["val_mae"])
@@ -73,12 +73,11 @@ def test_listeners_close_on_interruption_and_resume_continues_the_epochs(tiny_da
     assert [r["epoch"] for r in second.records] == [2, 3]
 
 
-def test_console_lines_are_the_console_listener(tiny_dataset, tmp_path, capsys):
-    train(tiny(tiny_dataset, tmp_path / "quiet"))
-    assert "epoch" not in capsys.readouterr().out
-    train(tiny(tiny_dataset, tmp_path / "loud", progress=True))
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
-    assert len(lines) == 3 and "val mae" in lines[0]
+def test_console_lines_are_the_console_listener_with_or_without_progress_bars(tiny_dataset, tmp_path, capsys):
+    for name, progress in (("quiet", False), ("loud", True)):  # progress only turns the bar off
+        train(tiny(tiny_dataset, tmp_path / name, progress=progress))
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+        assert len(lines) == 3 and "val mae" in lines[0]
 
 
 def test_unknown_logger_is_a_one_line_error(tiny_dataset, tmp_path):
@@ -110,8 +109,8 @@ def test_tensorboard_files_hold_every_epoch_once_across_a_resume(tiny_dataset, t
     run = RunDir(result.run_dir)
     found = scalars(run.tensorboard)
     csv = pd.read_csv(run.metrics)
-    expected = {"train/mae": "train_mae", "train/rmse": "train_rmse", "train/mape": "train_mape",
-                "val/mae": "val_mae", "val/rmse": "val_rmse", "val/mape": "val_mape", "lr": "lr",
+    expected = {"train/mae": "train_mae", "train/rmse": "train_rmse", "train/mape_pct": "train_mape_pct",
+                "val/mae": "val_mae", "val/rmse": "val_rmse", "val/mape_pct": "val_mape_pct", "lr": "lr",
                 "grad_norm": "grad_norm", "grad_norm_max": "grad_norm_max"}
     assert set(expected) <= set(found)
     for tag, column in expected.items():

@@ -233,8 +233,9 @@ def test_mae_plot_axis_carries_the_unit(runs, tmp_path, monkeypatch):
     run(Ensemble(members, "mean"), data, tmp_path / "out")
     mae = [f for f in figures if f.axes[0].get_title() == "MAE by horizon"][0]
     assert mae.axes[0].get_ylabel() == "MAE (mph)"
-    # one model: one line, not the same numbers twice as "ensemble"
-    assert [line.get_label() for line in mae.axes[0].get_lines()] == ["long"]
+    # one model: one line, not the same numbers twice as "ensemble"; the baselines beside it
+    assert [line.get_label() for line in mae.axes[0].get_lines()] == ["long", "last value (baseline)",
+                                                                      "hist. average (baseline)"]
 
 
 # --- 5. what training says -------------------------------------------------------------------
@@ -247,7 +248,8 @@ def test_stage_headers_and_the_line_before_the_first_epoch(runs, tmp_path, capsy
     assert "windows, 3 batches of 64 per epoch" in err  # no progress bar off a terminal
     quiet = tiny_config(runs.data, tmp_path / "quiet", epochs=1, pretrain_horizon=4)
     train(quiet)
-    assert capsys.readouterr().err == ""  # train.progress off: nothing said
+    err = capsys.readouterr().err  # train.progress off: no bar, the same lines
+    assert "stage 1/2: pretraining horizons 1-4" in err and "windows, 3 batches of 64 per epoch" in err
 
 
 def test_early_stop_and_resume_are_said(runs, tmp_path, capsys, monkeypatch):

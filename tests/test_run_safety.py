@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from test_train import tiny_config
 
+from gwnet import atomic
 from gwnet.atomic import atomic_directory
 from gwnet.config import Config
 from gwnet.engine import RunDir, Trainer, load_checkpoint, train
@@ -123,7 +124,9 @@ def test_unfinished_run_without_best_pt_is_refused(finished, tmp_path, monkeypat
     cfg = copy_of(finished, tmp_path / "run")
     rd = RunDir(cfg.out)
     payload = load_checkpoint(rd.last)
-    payload["finished"], payload["epoch"] = False, 1
+    payload["finished"], payload["epoch"], payload["history"] = False, 1, payload["history"][:1]
+    payload["best_epoch"], payload["bad_epochs"] = 1, 0
+    payload["best_val_mae"] = payload["history"][0]["val_mae"]
     from gwnet.engine.checkpoint import save_checkpoint
 
     save_checkpoint(rd.last, payload)
@@ -267,14 +270,15 @@ def test_a_replacement_killed_between_its_renames_is_put_right_by_the_next(tmp_p
         real_rename(src, dst)
 
     monkeypatch.setattr(os, "rename", killed_after_the_first)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)  # a system without renameat2
     with pytest.raises(KeyboardInterrupt), atomic_directory(out, overwrite=True, ours=("a", "b")) as stage:
         (stage / "a").write_text("new a")
     monkeypatch.undo()
-    assert not out.exists() and snapshot(tmp_path / ".out.old") == {"a": b"old a", "b": b"old b"}
+    assert not out.exists() and snapshot(tmp_path / ".out.gwnet-old") == {"a": b"old a", "b": b"old b"}
     with pytest.raises(GWNetError, match="already holds results"):  # the next one puts it back first
         with atomic_directory(out, ours=("a", "b")):
             pass
-    assert snapshot(out) == {"a": b"old a", "b": b"old b"} and not (tmp_path / ".out.old").exists()
+    assert snapshot(out) == {"a": b"old a", "b": b"old b"} and not (tmp_path / ".out.gwnet-old").exists()
     # A failure while writing leaves the previous result, and nothing beside it.
     with pytest.raises(RuntimeError), atomic_directory(out, overwrite=True, ours=("a", "b")) as stage:
         (stage / "a").write_text("new a")

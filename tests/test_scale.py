@@ -163,7 +163,7 @@ def test_kill_and_resume_continues_exactly_with_8bit_states(dataset, tmp_path, e
     assert last["partial"]["next_batch"] == 3 and (Path(cfg.out) / last["sharded"] / ".metadata").exists()
     single = config(cfg.out)
     single.train.fsdp = False
-    with pytest.raises(GWNetError, match="written by a sharded run"):
+    with pytest.raises(GWNetError, match=r"train.fsdp is False, but .*last.pt trained with True"):
         Trainer(single, resume=True)
 
     run_ranks(train_sharded, cfg, tmp_path / "b2.pt", True)

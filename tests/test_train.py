@@ -51,7 +51,7 @@ def test_metric_accumulator_by_hand():
     assert table.loc["1", "mae"] == pytest.approx(1.0)
     assert table.loc["2", "mae"] == pytest.approx(3.0)
     assert table.loc["2", "rmse"] == pytest.approx(np.sqrt((1 + 25) / 2))
-    assert table.loc["2", "mape"] == pytest.approx((1 / 4 + 5 / 10) / 2)
+    assert table.loc["2", "mape_pct"] == pytest.approx(100 * (1 / 4 + 5 / 10) / 2)
     assert table.loc["mean", "mae"] == pytest.approx(2.0)
 
 
@@ -86,7 +86,7 @@ def test_run_directory_contract(finished_run):
     assert last["finished"]
     history = pd.read_csv(rd.metrics)
     assert list(history["epoch"]) == [1, 2, 3]
-    assert {"train_mae", "val_mae", "val_rmse", "val_mape", "lr", "seconds"} <= set(history.columns)
+    assert {"train_mae", "val_mae", "val_rmse", "val_mape_pct", "lr", "seconds"} <= set(history.columns)
     np.testing.assert_allclose(history["lr"], [1e-3, 0.97e-3, 0.97**2 * 1e-3])
     test = pd.read_csv(rd.test_metrics, index_col=0)
     assert list(test.index) == [str(h) for h in range(1, 13)] + ["mean"]

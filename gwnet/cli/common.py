@@ -13,6 +13,7 @@ import difflib
 import functools
 import re
 import sys
+import typing
 import warnings
 from dataclasses import fields
 from typing import Any, Callable
@@ -20,6 +21,7 @@ from typing import Any, Callable
 from ..config import (DERIVED_ROLES, SECTIONS, Config, DataConfig, ModelConfig, TrainConfig, field_types,
                       read_config_file, update)
 from .._version import __version__
+from ..atomic import DISK_ERRORS
 from ..errors import GWNetError
 from ..registry import PRESETS
 
@@ -154,6 +156,10 @@ def add_field(group, section: str | None, f, model: type[ModelConfig] = ModelCon
     kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=text.replace("%", "%%"))
     if kind is bool:
         kw["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(kind) is list:  # --teacher RUN [RUN ...]
+        kw.update(nargs="+", type=str, metavar=f.name.upper())
+    elif typing.get_origin(kind) is tuple:  # --quantiles 0.05 0.5 0.95
+        kw.update(nargs="+", type=float, metavar="Q")
     else:
         kw["type"] = _parse_optional(kind) if optional else kind
         if "choices" in f.metadata:
@@ -216,6 +222,13 @@ def run_cli(prog: str) -> Callable[[Callable[..., int | None]], Callable[..., in
             except GWNetError as exc:
                 print(f"{prog}: error: {exc}", file=sys.stderr)
                 return 2
+            except OSError as exc:
+                if exc.errno not in DISK_ERRORS:
+                    raise
+                # A full, read-only or forbidden place a writer met: the file and the reason, one line.
+                where = f"{exc.filename}: " if exc.filename else ""
+                print(f"{prog}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+                return 2
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted", file=sys.stderr)
                 return 130
@@ -242,14 +255,14 @@ def metrics_note(data) -> str:
         what = f" in {data.unit}" + (f" ({data.target})" if data.target else "")
     else:
         what = f" of {data.target} in its own unit" if data.target else ""
+        what += " (name the unit with --unit)"
     return f"MAE and RMSE{what}, MAPE in %"
 
 
 def results_table(table, data, baselines: dict | None = None):
-    """A metrics table (rows: horizons 1..H and ``mean``; mae, rmse, mape as a fraction) with
-    minutes ahead as rows, MAPE in %, and each baseline's MAE and RMSE beside it."""
-    out = table[["mae", "rmse", "mape"]].copy()
-    out["mape"] = out["mape"] * 100
+    """A metrics table (rows: horizons 1..H and ``mean``; mae, rmse, mape_pct) with
+    minutes ahead as rows, and each baseline's MAE and RMSE beside it."""
+    out = table[["mae", "rmse", "mape_pct"]].copy()
     out.columns = ["MAE", "RMSE", "MAPE %"]
     for name, base in (baselines or {}).items():
         base = base.reindex(table.index.astype(str)) if base is not None else None
@@ -261,13 +274,3 @@ def results_table(table, data, baselines: dict | None = None):
     out.index.name = "ahead"
     return out
 
-
-BASELINE_NAMES = {"last_value": "last value", "historical_average": "hist. average"}
-
-
-def baseline_tables(data, split: str, null_value: float) -> dict:
-    """``{label: table}`` of the last-value and historical-average baselines on ``split``."""
-    from ..engine.baselines import evaluate_baseline
-
-    return {label: evaluate_baseline(data, name, split, null_value=null_value).table()
-            for name, label in BASELINE_NAMES.items()}

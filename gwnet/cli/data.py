@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,11 @@ from ..atomic import atomic_directory, atomic_path
 from ..config import DataConfig
 from ..data import synthetic
 from ..data.graph import read_graph
+from ..data.protocols import dataset_of_file
 from ..data.readers import ReadOptions, infer_step, read_speeds
 from ..data.windows import build_series, count_windows, split_ranges
 from ..errors import GWNetError
+from ..paths import check_input_file
 from .common import ArgumentParser, run_cli
 
 GRAPH_HINTS = (".pkl", ".pickle")
@@ -74,17 +77,24 @@ def _is_graph_file(path: Path) -> bool:
     return False
 
 
-def inspect(path: str, key: str | None = None, target: str | None = None) -> str:
-    """A few lines describing a readings file or a graph file of any supported format."""
+def inspect(path: str, key: str | None = None, target: str | None = None, start: str | None = None) -> str:
+    """A few lines describing a readings file or a graph file of any supported format. A file
+    without timestamps starts at ``start``, else at its named dataset's conventional start (by
+    file name: ``PEMS08.npz`` as ``--dataset pems08``), else at an assumed 2000-01-01 (said)."""
+    if os.path.lexists(path):
+        check_input_file(path)  # a FIFO would block the peek at its first line
     buf = io.StringIO()
     if _is_graph_file(Path(path)):
         g = read_graph(path)
         edges = int(np.count_nonzero(g.adj))
-        buf.write(f"{path}: sensor graph\n  sensors   {g.num_nodes}\n  edges     {edges} "
-                  f"(density {g.density:.2%})\n  symmetric {bool(np.allclose(g.adj, g.adj.T))}\n")
+        listed = f"; {g.report.describe()}" if g.report is not None else ""
+        buf.write(f"{path}: sensor graph\n  sensors   {g.num_nodes} ({g.isolated} in no edge)\n  edges     "
+                  f"{edges} (density {g.density:.2%}){listed}\n  symmetric {bool(np.allclose(g.adj, g.adj.T))}\n")
         return buf.getvalue()
     ids = str(Path(path).with_suffix(".txt"))
-    df = read_speeds(path, key, options=ReadOptions(key=key, target=target, ids=ids))
+    spec = dataset_of_file(path)
+    start = start or (spec.start if spec is not None else None)
+    df = read_speeds(path, key, options=ReadOptions(key=key, target=target, ids=ids, start=start))
     values = df.to_numpy()
     present = values[values > 0]
     step = infer_step(df.index, path) if len(df) > 1 else pd.Timedelta(minutes=5)
@@ -93,12 +103,22 @@ def inspect(path: str, key: str | None = None, target: str | None = None) -> str
     span = (cfg.seq_len + cfg.horizon) * minutes
     what = target or ("flow" if Path(path).suffix.lower() == ".npz" else "reading")
     buf.write(f"{path}: readings\n  sensors   {df.shape[1]}\n  steps     {df.shape[0]} ({minutes} min)\n"
-              f"  span      {df.index[0]} .. {df.index[-1]}\n"
+              f"  span      {df.index[0]} .. {df.index[-1]}{_start_note(path, start, spec)}\n"
               f"  missing   {np.mean(values == 0):.2%} of readings\n"
               f"  {what:<9} mean {present.mean() if present.size else float('nan'):.2f}, "
               f"min {present.min() if present.size else float('nan'):.2f}, max {values.max():.2f}\n"
               f"  windows   {max(count_windows(df.shape[0], cfg), 0)} of 12 -> 12 steps ({span} min)\n")
     return buf.getvalue()
+
+
+def _start_note(path: str, start: str | None, spec) -> str:
+    """Where a file without timestamps got its start from ("" for a file with timestamps)."""
+    if Path(path).suffix.lower() != ".npz":
+        return ""
+    if spec is not None and start == spec.start:
+        return f" (no timestamps in the file: {spec.name}'s conventional start)"
+    return " (no timestamps in the file: start from --start)" if start else \
+        " (no timestamps in the file: start assumed, set --start)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("files", nargs="+")
     ins.add_argument("--key", default=None, help="HDF5 or npz key")
     ins.add_argument("--target", default=None, help="feature of a multi-feature .npz (flow, occupancy, speed)")
+    ins.add_argument("--start", default=None, help="first timestamp of a file without timestamps (.npz); "
+                     "default: the named dataset's whose file this is (PEMS08.npz: 2016-07-01)")
     exp = sub.add_parser("export-npz", help="write DCRNN-format train/val/test.npz")
     exp.add_argument("--data", required=True, help="speeds file")
     exp.add_argument("--key", default=None, help="HDF5 key")
@@ -150,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             print(Path(args.out) / path.name)
     elif args.command == "inspect":
         for path in args.files:
-            print(inspect(path, args.key, args.target), end="")
+            print(inspect(path, args.key, args.target, args.start), end="")
     else:
         cfg = DataConfig(seq_len=args.seq_len, horizon=args.horizon, day_of_week=args.day_of_week)
         check_export_options(cfg)

@@ -22,8 +22,11 @@ from ..config import MALLOC_POLICIES, DataConfig
 from ..ensemble import FORMATS, STRATEGIES, Ensemble, load_members, run
 from ..ensemble.members import ENSEMBLE, SOURCE_FIELDS
 from ..ensemble.report import OUTPUT_FILES
+from ..ensemble.bands import IntervalOptions
 from ..errors import GWNetError
-from .common import ArgumentParser, add_field, baseline_tables, lead_label, run_cli
+from ..intervals.online import DEFAULT_STEP
+from ..registry import INTERVALS
+from .common import ArgumentParser, add_field, lead_label, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
                              "batch; auto does so where one activation is above glibc's 32 MiB mapping "
                              "ceiling (thousands of sensors)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    parser.add_argument("--beside", nargs="+", metavar="RUN_DIR", default=[],
+                        help="runs scored on the same windows beside the ensemble, not members of it (a "
+                             "distilled student beside its teachers): extra columns of the MAE table")
+    bands = parser.add_argument_group("intervals (see docs/intervals.md)")
+    bands.add_argument("--interval", type=float, default=None, metavar="LEVEL",
+                       help="calibrated intervals of this coverage (e.g. 0.9), fitted on the validation split: "
+                            "lower and upper columns, interval metrics; with --latest they adapt online "
+                            "(state in OUT_DIR/intervals_state.json, continued by the next --latest --overwrite)")
+    bands.add_argument("--interval-method", choices=("auto", *INTERVALS), default="auto",
+                       metavar="{" + ",".join(("auto", *INTERVALS)) + "}",
+                       help="auto: cqr for quantile runs (gwnet-train --quantiles), normalized otherwise; "
+                            "split: one width per horizon")
+    bands.add_argument("--online-step", type=float, default=DEFAULT_STEP, metavar="ETA",
+                       help="--latest --interval: step of the online width update (larger adapts faster)")
     parser.add_argument("--fill-zeroes", action=argparse.BooleanOptionalAction, default=None,
                         help="reference (.pth) members: feed missing inputs as the mean (on) or as 0 "
                              "(off); default: the first run's setting, else on. Run directories "
@@ -83,17 +100,43 @@ def weights_table(ensemble: Ensemble) -> pd.DataFrame:
     return table
 
 
-def mae_table(metrics: pd.DataFrame, ensemble: Ensemble, data, split: str) -> pd.DataFrame:
+def mae_table(metrics: pd.DataFrame, ensemble: Ensemble, data, baselines: dict) -> pd.DataFrame:
     """Minutes ahead x models (members, the ensemble when there are several, the baselines)."""
     mae = metrics.pivot(index="horizon", columns="model", values="mae")
     names = [m.name for m in ensemble.members] + ([ENSEMBLE] if len(ensemble.members) > 1 else [])
     mae = mae[names]
-    if split in ("test", "val"):
-        for label, table in baseline_tables(data, split, ensemble.null_value).items():
-            mae[label] = table["mae"].drop("mean").to_numpy()[:len(mae)]
+    for label, table in baselines.items():
+        mae[label] = table["mae"].drop("mean").to_numpy()[:len(mae)]
     mae.index = [lead_label(h, data.config) for h in mae.index]
     mae.index.name, mae.columns.name = "ahead", None
     return mae
+
+
+def interval_table(bands, data) -> pd.DataFrame:
+    """Minutes ahead x interval metrics (and the mean row), units in the column names."""
+    table = bands.scores.per_horizon()
+    unit = f" ({data.config.unit})" if data.config.unit else ""
+    shown = pd.DataFrame({"coverage %": table["coverage"] * 100, f"width{unit}": table["width"],
+                          f"interval score{unit}": table["interval_score"], f"pinball{unit}": table["pinball"]})
+    if bands.scores.has_crps:
+        shown[f"CRPS{unit}"] = table["crps"]
+    shown.loc["mean"] = shown.mean()
+    shown.index = [lead_label(h, data.config) for h in shown.index]
+    shown.index.name = "ahead"
+    return shown
+
+
+def print_intervals(report, data, split: str) -> None:
+    bands = report.bands
+    print(f"\n{bands.describe()} for {bands.model}, calibrated on the validation split "
+          f"({', '.join(str(n) for n in bands.method.calibration_size[:1])} readings per horizon):")
+    if report.metrics is not None:
+        print(f"on the {split} split (interval score: Winkler's, alpha {1 - bands.options.level:.2g}):")
+        print(interval_table(bands, data).to_string(float_format=lambda v: f"{v:.4f}", na_rep=""))
+    elif bands.online is not None:
+        cov = bands.online.coverage()
+        seen = "no readings scored yet" if cov != cov else f"online coverage so far {cov:.1%}"
+        print(f"online update: {bands.online_readings} new readings scored; {seen}")
 
 
 @run_cli("gwnet-predict")
@@ -107,17 +150,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size must be at least 1")
     # An --out that cannot take the result is refused before any work.
     check_output_directory(args.out, args.overwrite, OUTPUT_FILES, "gwnet-predict")
+    interval = None
+    if args.interval is not None:
+        interval = IntervalOptions(args.interval, args.interval_method, args.online_step)
+        if not args.online_step > 0:
+            raise GWNetError(f"--online-step must be above 0, got {args.online_step}")
     source = {name.split(".", 1)[1]: value for name, value in vars(args).items() if name.startswith("data.")}
     # Several members combined by a fitted strategy need the validation split even for --latest:
     # then the whole file is read; otherwise the last readings are enough.
     fitted = len(args.runs) > 1 and STRATEGIES.get_entry(args.strategy).needs_validation
+    fitted = fitted or interval is not None  # intervals calibrate on the validation split
     device = resolve_device(args.device)
     try:
         members, data = load_members(args.runs, device, latest=args.latest and not fitted,
                                      fill_zeroes=args.fill_zeroes, **source)
-    except GWNetError:
+    except GWNetError as exc:
         if not (args.latest and fitted):
             raise
+        if interval is not None:
+            raise GWNetError(f"{exc} (intervals calibrate on the validation split, so --latest --interval "
+                             "needs the readings with their history)") from None
         # A file of the last readings only: run() then says the strategy has nothing to fit on.
         members, data = load_members(args.runs, device, latest=True, fill_zeroes=args.fill_zeroes, **source)
     batch_size = args.batch_size or members[0].config.train.batch_size
@@ -126,9 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         for m in members))
     ensemble = Ensemble(members, args.strategy)
     split = "latest" if args.latest else args.split
+    if args.beside and split == "latest":
+        raise GWNetError("--beside scores runs on a split's readings; not with --latest")
     report = run(ensemble, data, args.out, split=split, fmt=args.format, sensors=args.sensors,
                  batch_size=batch_size, plots=args.plots,
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, interval=interval)
     number = lambda v: "" if pd.isna(v) else f"{v:.4f}"  # noqa: E731
     weights = weights_table(ensemble)
     weights.index = [lead_label(h, data.config) for h in weights.index]
@@ -142,7 +196,19 @@ def main(argv: list[str] | None = None) -> int:
         unit = f" in {data.config.unit}" if data.config.unit else ""
         print(f"\nMAE{unit} on the {split} split of {data.source} "
               f"({data.config.protocol}):")
-        print(mae_table(report.metrics, ensemble, data, split).to_string(float_format=number, na_rep=""))
+        table = mae_table(report.metrics, ensemble, data, report.baselines)
+        if args.beside:  # after the members and their ensemble, before the baselines
+            from ..ensemble.distill import score_beside
+            from ..ensemble.report import split_windows
+
+            at = len(members) + int(len(members) > 1)
+            scored = score_beside(args.beside, ensemble, split_windows(data, split), batch_size, device)
+            for name, frame in scored.items():
+                table.insert(at, f"{name} (beside)", frame["mae"].reindex(range(1, len(table) + 1)).to_numpy())
+                at += 1
+        print(table.to_string(float_format=number, na_rep=""))
+    if report.bands is not None:
+        print_intervals(report, data, split)
     print(f"\n{report.rows} rows: {report.predictions}")
     for path in report.files[1:]:
         print(f"wrote {path}")

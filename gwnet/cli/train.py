@@ -69,6 +69,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     """The run's config, and whether it resumes an existing run directory."""
     if args.resume:
         saved_path = _saved_config(args.resume)
+        RunDir(args.resume).check_saved_state()  # a crafted or hand-edited file: one line, before any work
         saved = Config.load(saved_path)
         cfg = config_from_args(args, base=Config.load(saved_path))
         cfg.out = str(RunDir(args.resume).root)
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     cfg, resume = resolve_config(args)
+    if cfg.train.teacher:  # distillation: the teachers' ensemble (gwnet.ensemble) feeds the trainer
+        from ..ensemble.distill import train
     # Under torchrun (--fsdp) every process trains; only rank 0 prints.
     with distributed(cfg):
         main_process = is_main_process()
@@ -133,10 +136,10 @@ def _baselines(cfg: Config, run_dir) -> dict:
     from ..data.scaler import StandardScaler
     from ..engine.checkpoint import load_checkpoint
     from ..errors import GWNetError
-    from .common import baseline_tables
+    from ..engine.baselines import baseline_tables
 
     try:
-        scaler = StandardScaler(**load_checkpoint(RunDir(run_dir).best)["scaler"])
+        scaler = StandardScaler(**load_checkpoint(RunDir(run_dir).best, kind="best")["scaler"])
         data = load_data(cfg.data, scaler=scaler)
         return baseline_tables(data, "test", cfg.train.null_value)
     except (GWNetError, OSError) as exc:

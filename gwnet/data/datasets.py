@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,9 +124,24 @@ def resolve_source(cfg: DataConfig, need_graph: bool = True) -> Source:
         ids = str(data.with_suffix(".txt"))
     # An array file without a named target holds flow first, as the PEMS0X releases do.
     default_target = "flow" if data.suffix.lower() == ".npz" and spec is None else protocol.target
+    _warn_idle_options(cfg, data, protocol.target)
     options = ReadOptions(key=key, target=cfg.target or default_target,
                           start=cfg.start or start, step_minutes=cfg.step_minutes or protocol.step_minutes, ids=ids)
     return Source(data, graph, options, weights, protocol)
+
+
+def _warn_idle_options(cfg: DataConfig, data: Path, holds: str | None) -> None:
+    """Options that would change nothing for this file are said, not silently dropped: a start
+    time for a file that has its own timestamps, a target for a file of one quantity whose
+    protocol says which (the option would only relabel it)."""
+    if data.suffix.lower() == ".npz":  # no timestamps; several features to pick from
+        return
+    if cfg.start is not None:
+        warnings.warn(f"{data}: the file has its own timestamps; --start {cfg.start} is ignored (it places "
+                      "files without them, .npz)", stacklevel=3)
+    if cfg.target is not None and holds is not None and cfg.target != holds:
+        warnings.warn(f"{data}: the file holds one quantity, {holds}; --target {cfg.target} only renames it "
+                      "(it picks a feature of a multi-feature .npz)", stacklevel=3)
 
 
 def resolve_paths(cfg: DataConfig) -> tuple[Path, Path, str | None]:
@@ -248,6 +264,9 @@ def load_latest(cfg: DataConfig, sensor_ids: list[str], adjacency, scaler: Stand
     speeds = speeds[expected]
     if len(speeds) < cfg.seq_len:
         raise file_error(path, f"{len(speeds)} readings are too few: the model reads the last {cfg.seq_len} steps")
+    if not speeds.iloc[-cfg.seq_len:].to_numpy().any():
+        raise file_error(path, f"the last {cfg.seq_len} readings of every sensor are missing (0): there is nothing "
+                         "to forecast from")
     if len(speeds) > 1:
         minutes = infer_step(speeds.index) // pd.Timedelta(minutes=1)
         if cfg.step_minutes is not None and minutes != cfg.step_minutes:

@@ -11,6 +11,14 @@ Gaussian kernel of the road distances (METR-LA, PEMS-BAY; the default for a
 ``from,to,distance`` CSV), ``binary`` is 1 in both directions for every listed pair (the
 usual use of the PEMS0X ``from,to,cost`` graphs, and of a two-column ``from,to`` list), ``given``
 takes a ``weight`` column as it is, in the listed direction.
+
+Every graph says what it holds (:meth:`SensorGraph.describe`, printed at the start of
+training and by ``gwnet-data inspect``); a graph read from an edge list also says how many of
+the listed edges its weighting kept (:class:`EdgeReport`). DCRNN's kernel cuts every distance
+whose weight falls below ``normalized_k`` (0.1): right for the dense distance tables of
+METR-LA and PEMS-BAY, where it is the published graph, but a short edge list of one's own can
+lose most of its edges to it, so keeping fewer than half of the listed edges is a warning that
+names the flags that keep them (``--adj-weights binary``, a lower ``--normalized-k``).
 """
 from __future__ import annotations
 
@@ -24,7 +32,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import GWNetError, file_error
-from .readers import npy_header
+from ..paths import check_input_file
+from .arrays import load_sparse_npz, npy_header, npz_members
 
 
 # Third-column names of a headered graph CSV (a header is also recognised by from,to).
@@ -33,6 +42,7 @@ HEADER_NAMES = ("distance", "cost", "weight", "w")
 # whole of California has 8,600). A file asking for more is refused before anything that size
 # is allocated, whatever its own size (a pickle can repeat one row object N times).
 MAX_GRAPH_SENSORS = 20_000
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _check_graph_size(path: str, n: int, what: str = "adjacency") -> None:
@@ -62,12 +72,54 @@ def _nested_size(obj, limit: int, seen: dict[int, int] | None = None) -> int:
     return total
 
 
+# How each weighting of an edge list is described in reports and warnings.
+WEIGHTINGS = {"kernel": "DCRNN's Gaussian kernel of the distances", "binary": "1 in both directions",
+              "given": "the listed weights"}
+
+
+@dataclass(frozen=True)
+class EdgeReport:
+    """What an edge list became. ``listed``: distinct pairs of two different sensors of the
+    data that the file lists with a value; ``kept``: those with a non-zero weight after the
+    weighting; ``unknown``: rows naming a sensor the data lacks; ``no_value``: rows with an empty
+    distance; ``conflicting``: pairs listed more than once with different values."""
+
+    listed: int
+    kept: int
+    unknown: int = 0
+    no_value: int = 0
+    conflicting: int = 0
+    weights: str = "kernel"
+    normalized_k: float = 0.1
+
+    @property
+    def cut(self) -> int:
+        return self.listed - self.kept
+
+    def describe(self) -> str:
+        how = WEIGHTINGS[self.weights]
+        text = f"{self.kept:,} of {self.listed:,} listed edges kept ({how}"
+        if self.weights == "kernel":
+            text += f", weights below --normalized-k {self.normalized_k:g} cut"
+        text += ")"
+        if self.unknown:
+            text += f", {self.unknown:,} rows name sensors the data lacks"
+        if self.no_value:
+            text += f", {self.no_value:,} rows without a value skipped"
+        if self.conflicting:
+            text += f", {self.conflicting:,} pairs listed twice with different values (the last kept)"
+        return text
+
+
 @dataclass
 class SensorGraph:
-    """Sensor ids and their ``(N, N)`` weighted adjacency (row = source sensor)."""
+    """Sensor ids and their ``(N, N)`` weighted adjacency (row = source sensor); ``source``
+    names the file it came from, ``report`` what an edge list's weighting kept."""
 
     sensor_ids: list[str]
     adj: np.ndarray
+    source: str | None = None
+    report: EdgeReport | None = None
 
     def __post_init__(self) -> None:
         self.sensor_ids = [str(s) for s in self.sensor_ids]
@@ -82,6 +134,22 @@ class SensorGraph:
         """Share of non-zero entries of the adjacency."""
         return float(np.count_nonzero(self.adj)) / max(self.adj.size, 1)
 
+    @property
+    def isolated(self) -> int:
+        """Sensors in no edge with another sensor (self-loops do not count)."""
+        linked = self.adj != 0
+        np.fill_diagonal(linked, False)
+        return int(np.count_nonzero(~(linked.any(axis=0) | linked.any(axis=1))))
+
+    def describe(self) -> str:
+        """One line: where the graph comes from, its edges (for an edge list: listed vs kept)
+        and how many sensors are in no edge."""
+        edges = self.report.describe() if self.report is not None else \
+            f"{off_diagonal_edges(self.adj):,} edges between sensors"
+        alone = self.isolated
+        return (f"graph {self.source or ''}: {self.num_nodes:,} sensors, {edges}; "
+                f"{alone:,} sensor{'' if alone == 1 else 's'} in no edge").replace("graph :", "graph:")
+
     def subgraph(self, sensor_ids: list[str], source: str = "graph") -> "SensorGraph":
         """The graph restricted and reordered to ``sensor_ids``; every id must be present."""
         index = {s: i for i, s in enumerate(self.sensor_ids)}
@@ -90,7 +158,9 @@ class SensorGraph:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise file_error(source, f"{len(missing)} sensor(s) of the data are not in the graph: {shown}")
         order = np.array([index[s] for s in sensor_ids], dtype=np.int64)
-        return SensorGraph(list(sensor_ids), self.adj[np.ix_(order, order)])
+        # An edge list's report counts edges among the data's sensors: it holds while they are all kept.
+        report = self.report if len(order) == self.num_nodes else None
+        return SensorGraph(list(sensor_ids), self.adj[np.ix_(order, order)], self.source, report)
 
 
 class _AdjacencyUnpickler(pickle.Unpickler):
@@ -242,6 +312,12 @@ def read_distances_csv(path: str | os.PathLike, sensor_ids: list[str] | None = N
         raise file_error(path, f"distance {table['distance'].iloc[line]!r} is not a number")
     if (dist < 0).any():
         raise file_error(path, "negative road distance")
+    # A value float32 cannot hold would become inf in the adjacency (or 0 after the kernel).
+    huge = dist.notna() & ~(dist.abs() <= FLOAT32_MAX)
+    if huge.any():
+        line = int(huge.to_numpy().nonzero()[0][0])
+        raise file_error(path, f"value {table['distance'].iloc[line]!r} of edge {table['from'].iloc[line]!r} -> "
+                         f"{table['to'].iloc[line]!r} is not a finite float32 number")
     src = table["from"].str.strip().tolist()
     dst = table["to"].str.strip().tolist()
     if sensor_ids is None:
@@ -249,12 +325,25 @@ def read_distances_csv(path: str | os.PathLike, sensor_ids: list[str] | None = N
     if not sensor_ids:
         raise file_error(path, "distances CSV lists no sensors")
     index = {s: i for i, s in enumerate(sensor_ids)}
-    keep = dist.notna().to_numpy()
-    pairs = [(index[s], index[d], value) for s, d, value in
-             zip(np.asarray(src)[keep], np.asarray(dst)[keep], dist.to_numpy()[keep]) if s in index and d in index]
+    values = dist.to_numpy()
+    no_value = int(np.isnan(values).sum())
+    # Distinct pairs, in the listed direction; a pair listed again with another value counts as
+    # a conflict, and its last value is the one used (as the dense tables' last write wins).
+    chosen: dict[tuple[int, int], float] = {}
+    unknown = conflicting = 0
+    for s_id, d_id, value in zip(src, dst, values):
+        if np.isnan(value):
+            continue
+        if s_id not in index or d_id not in index:
+            unknown += 1
+            continue
+        key = (index[s_id], index[d_id])
+        if key in chosen and chosen[key] != value:
+            conflicting += 1
+        chosen[key] = float(value)
     n = len(sensor_ids)
     _check_graph_size(path, n, "graph CSV")
-    linked = {i for i, j, _ in pairs if i != j} | {j for i, j, _ in pairs if i != j}
+    linked = {i for i, j in chosen if i != j} | {j for i, j in chosen if i != j}
     if not linked:
         listed = next(iter(src), None)
         raise file_error(path, f"no edges among the {n} sensors (the file lists ids like {listed!r}, the data "
@@ -263,7 +352,7 @@ def read_distances_csv(path: str | os.PathLike, sensor_ids: list[str] | None = N
         warnings.warn(f"{path}: {n - len(linked)} of {n} sensors appear in no edge of the graph", stacklevel=2)
     if weights == "kernel":
         dense = np.full((n, n), np.inf, dtype=np.float64)
-        for i, j, value in pairs:
+        for (i, j), value in chosen.items():
             dense[i, j] = value
         adj = gaussian_kernel_adjacency(dense, normalized_k)
         if n > 1 and not off_diagonal_edges(adj):
@@ -272,19 +361,25 @@ def read_distances_csv(path: str | os.PathLike, sensor_ids: list[str] | None = N
                    if finite.size and finite.std() == 0 else f"every weight is below normalized_k={normalized_k:g}")
             raise file_error(path, f"no edge is left after DCRNN's Gaussian kernel of the distances ({why}); "
                              "use --adj-weights binary or given")
-        return SensorGraph(list(sensor_ids), adj)
-    adj = np.zeros((n, n), dtype=np.float32)
-    for i, j, value in pairs:
-        if weights == "binary":
-            adj[i, j] = adj[j, i] = 1.0
-        else:
-            adj[i, j] = value
-    return SensorGraph(list(sensor_ids), adj)
-
-
-def _npy_shape(fh) -> tuple[int, ...]:
-    """The shape a ``.npy`` stream's header states (nothing else is read)."""
-    return npy_header(fh)[0]
+    else:
+        adj = np.zeros((n, n), dtype=np.float32)
+        for (i, j), value in chosen.items():
+            if weights == "binary":
+                adj[i, j] = adj[j, i] = 1.0
+            else:
+                adj[i, j] = value
+    between = [(i, j) for i, j in chosen if i != j]
+    report = EdgeReport(listed=len(between), kept=sum(1 for i, j in between if adj[i, j] != 0), unknown=unknown,
+                        no_value=no_value, conflicting=conflicting, weights=weights, normalized_k=normalized_k)
+    if report.kept * 2 < report.listed:
+        # The silent failure this guards against: a short edge list of one's own whose distances
+        # the kernel mostly cuts, leaving the model an almost empty graph.
+        why = (f"DCRNN's Gaussian kernel cut {report.cut} whose weight fell below --normalized-k {normalized_k:g}"
+               if weights == "kernel" else f"{report.cut} are listed with weight 0")
+        warnings.warn(f"{path}: the graph keeps only {report.kept} of {report.listed} listed edges: {why}; pass "
+                      "--adj-weights binary to keep every listed edge"
+                      + (", or a lower --normalized-k" if weights == "kernel" else ""), stacklevel=2)
+    return SensorGraph(list(sensor_ids), adj, path, report)
 
 
 def read_adjacency_array(path: str | os.PathLike, sensor_ids: list[str] | None = None,
@@ -292,19 +387,16 @@ def read_adjacency_array(path: str | os.PathLike, sensor_ids: list[str] | None =
     """A dense ``(N, N)`` ``.npy`` (LargeST's ``*_rn_adj.npy``) or a ``.npz`` holding a scipy
     sparse matrix (``scipy.sparse.save_npz``) or one dense array, in the data's column order
     (``sensor_ids``; without them the nodes are 0..N-1). Read without unpickling."""
-    import scipy.sparse as sp
-
     path = os.fspath(path)
     try:
         if path.lower().endswith(".npy"):
             with open(path, "rb") as fh:  # the header's shape, before the array is allocated
-                _check_graph_size(path, max(_npy_shape(fh), default=0))
+                _check_graph_size(path, max(npy_header(fh)[0], default=0))
             adj = np.load(path, allow_pickle=False)
         else:
-            with np.load(path, allow_pickle=False) as npz:
-                names = list(npz.files)
+            names = list(npz_members(path))  # every member's header bounded before any is read
             if {"data", "indices", "indptr", "shape", "format"} <= set(names) or {"row", "col", "shape"} <= set(names):
-                matrix = sp.load_npz(path)
+                matrix = load_sparse_npz(path)  # its structure checked in full: scipy trusts it
                 _check_graph_size(path, max(matrix.shape, default=0))
                 adj = matrix.toarray()
             else:
@@ -313,7 +405,7 @@ def read_adjacency_array(path: str | os.PathLike, sensor_ids: list[str] | None =
                     raise file_error(path, f"holds {', '.join(names)}; which one is the adjacency?")
                 with np.load(path, allow_pickle=False) as npz:
                     with npz.zip.open(name + ".npy") as fh:
-                        _check_graph_size(path, max(_npy_shape(fh), default=0))
+                        _check_graph_size(path, max(npy_header(fh)[0], default=0))
                     adj = npz[name]
     except GWNetError:
         raise
@@ -377,15 +469,21 @@ def read_graph(path: str | os.PathLike, sensor_ids: list[str] | None = None,
     edge list, ``weights`` as in :func:`read_distances_csv`), ``.npy``/``.npz`` (an adjacency
     in the data's column order ``sensor_ids``)."""
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise file_error(path, "no such graph file")
+    check_input_file(path, "graph file")  # a FIFO, a device or a link loop: one line, no hang
     ext = os.path.splitext(path)[1].lower()
     if ext in (".pkl", ".pickle"):
-        return read_adjacency_pickle(path)
-    if ext in (".csv", ".txt"):
-        return read_distances_csv(path, sensor_ids, normalized_k, weights)
-    if ext in (".npy", ".npz"):
-        return read_adjacency_array(path, sensor_ids)
+        graph = read_adjacency_pickle(path)
+    elif ext in (".csv", ".txt"):
+        graph = read_distances_csv(path, sensor_ids, normalized_k, weights)
+    elif ext in (".npy", ".npz"):
+        graph = read_adjacency_array(path, sensor_ids)
+    else:
+        graph = None
+    if graph is not None:
+        graph.source = path
+        return graph
     raise file_error(path, "graph must be a DCRNN pickle (.pkl), a distances or edge-list CSV (.csv), "
                      "or an adjacency array (.npy, .npz)")
 

@@ -12,6 +12,8 @@ print it next to every table of results.
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 from ..registry import DATASETS
@@ -110,6 +112,13 @@ for _region, _sensors in (("sd", 716), ("gba", 2_352), ("gla", 3_834), ("ca", 8_
     _add(DatasetSpec(f"largest-{_region}", f"largest/{_region}_his_2019.h5", (f"largest/{_region}_rn_adj.npy",),
                      LARGEST_FLOW, LARGEST_WHERE, key="t", adj_weights="given", sensors=_sensors, steps=35_040,
                      layout="pandas HDF5 (key t, 15-min flow) + dense (N, N) .npy adjacency"))
+
+
+def dataset_of_file(path: str | os.PathLike) -> DatasetSpec | None:
+    """The named dataset whose readings file has ``path``'s name (``PEMS08.npz`` -> pems08),
+    so that a file read on its own gets the same conventions (start, ids) as ``--dataset``."""
+    name = os.path.basename(os.fspath(path)).lower()
+    return next((spec for spec in DATASETS.values() if os.path.basename(spec.data).lower() == name), None)
 
 
 def protocol_of(dataset: str, data_given: bool) -> Protocol:

@@ -22,7 +22,9 @@ import numpy as np
 import pandas as pd
 
 from ..errors import GWNetError, file_error
+from ..paths import check_input_file
 from ..registry import READERS
+from .arrays import check_affordable, npz_members
 
 STEP = pd.Timedelta(minutes=5)  # METR-LA's and PEMS0X's step, the default of files without timestamps
 HDF5_EXTS = (".h5", ".hdf5", ".hdf")
@@ -49,17 +51,6 @@ class ReadOptions:
 
 
 Reader = Callable[[str, ReadOptions, Any], pd.DataFrame]
-# What a readings array may state it holds before it is read: a crafted header of a few bytes
-# must not make us allocate more (a year of LargeST-CA flow with three features is 3.6 GB).
-MAX_ARRAY_BYTES = 16 * 1024 ** 3
-
-
-def npy_header(fh) -> tuple[tuple[int, ...], np.dtype]:
-    """The shape and dtype a ``.npy`` stream's header states (nothing else is read)."""
-    fmt = np.lib.format
-    version = fmt.read_magic(fh)
-    header = fmt.read_array_header_1_0(fh) if version == (1, 0) else fmt.read_array_header_2_0(fh)
-    return tuple(int(v) for v in header[0]), np.dtype(header[2])
 
 
 def register_reader(*extensions: str) -> Callable[[Reader], Reader]:
@@ -100,6 +91,7 @@ def _read_fixed_frame(path: str, group, dtype) -> pd.DataFrame:
         raise file_error(path, f"frame is stored as {kind!r}; only pandas' fixed format is read "
                          "(save it with df.to_hdf(path, key=..., format='fixed'))")
     try:
+        check_affordable(path, f"the frame states {group['axis0'].size:,} column labels", group["axis0"].size * 64)
         columns = _labels(group["axis0"])
         stamps = group["axis1"]
         index_kind = _text(stamps.attrs.get("kind", ""))
@@ -111,6 +103,9 @@ def _read_fixed_frame(path: str, group, dtype) -> pd.DataFrame:
                              f"{', '.join(DATETIME_UNITS)})")
         if stamps.ndim != 1 or stamps.dtype.kind not in "iu":
             raise file_error(path, f"index axis1 holds {stamps.dtype} {stamps.shape}, not integer timestamps")
+        # What the header states, before any of it is read: a small file may claim 1e9 timestamps.
+        check_affordable(path, f"the frame states {stamps.shape[0]:,} timestamps x {len(columns):,} columns",
+                         stamps.shape[0] * (len(columns) * np.dtype(dtype).itemsize * 2 + 16))
         index = pd.to_datetime(stamps[()].astype(np.int64), unit=unit)
         tz = stamps.attrs.get("tz")
         if tz is not None:
@@ -208,6 +203,7 @@ def read_npz(path: str, options: ReadOptions = ReadOptions(), dtype=np.float32) 
     per line, as PEMS03.txt) when that file exists, else they are 0..N-1 as in PEMS04/07/08's
     graph files. The file is read without unpickling (``allow_pickle=False``).
     """
+    members = npz_members(path)  # every .npy member's header bounded (size, memory, zip) before any is read
     try:
         with np.load(path, allow_pickle=False) as npz:
             names = list(npz.files)
@@ -216,13 +212,9 @@ def read_npz(path: str, options: ReadOptions = ReadOptions(), dtype=np.float32) 
                 key = names[0]
             if key is None:
                 raise file_error(path, f"holds {', '.join(names) or 'no arrays'}; choose the readings with --key")
-            with npz.zip.open(f"{key}.npy") as member:
-                shape, dtype = npy_header(member)
-            stated = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
-            if stated > MAX_ARRAY_BYTES:
-                raise file_error(path, f"array {key!r} states shape {shape} ({stated / 1024 ** 3:,.0f} GiB), more than "
-                                 f"the {MAX_ARRAY_BYTES // 1024 ** 3} GiB gwnet reads")
-            array = npz[key]
+            if key not in members:  # stored without ".npy": npz_members never bounded its header
+                raise file_error(path, f"array {key!r} is not stored as {key}.npy; gwnet reads .npy members only")
+            array = npz[f"{key}.npy"]  # that very member (a zip may also hold a bare {key!r} one)
     except GWNetError:
         raise
     except Exception as exc:  # zip and format errors alike
@@ -299,10 +291,11 @@ def read_speeds(path: str | os.PathLike, key: str | None = None, dtype=np.float3
     See :func:`check_speeds` for what is checked and repaired.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise file_error(path, "no such data file")
     if os.path.isdir(path):
         raise file_error(path, "is a directory, expected a speeds file")
+    check_input_file(path, "readings file")  # a FIFO, a device or a link loop: one line, no hang
     if os.path.getsize(path) == 0:
         raise file_error(path, "file is empty")
     ext = os.path.splitext(path)[1].lower()
@@ -338,6 +331,11 @@ def check_speeds(frame: pd.DataFrame, source: str = "data", dtype=np.float32) ->
     index = frame.index
     if not isinstance(index, pd.DatetimeIndex):
         raise file_error(source, "index must hold timestamps")
+    try:  # pandas may hold seconds beyond its nanosecond range (1677-2262), which the windows use
+        index = index.as_unit("ns")
+    except (pd.errors.OutOfBoundsDatetime, OverflowError):
+        raise file_error(source, f"timestamps from {index.min()} to {index.max()} lie outside the range "
+                         f"gwnet handles ({pd.Timestamp.min:%Y} to {pd.Timestamp.max:%Y})") from None
     if index.tz is not None:
         # The wall-clock time of the stated zone, so that time of day is local (rush hours
         # stay at the same hours); a repeated hour of a daylight-saving change is an error.

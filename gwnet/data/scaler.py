@@ -20,7 +20,8 @@ class StandardScaler:
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         if self.fill_zeroes:
-            x = torch.where(x == 0, torch.as_tensor(self.mean, dtype=x.dtype, device=x.device), x)
+            # masked_fill takes the mean as a kernel argument: no copy to the device per batch
+            x = x.masked_fill(x == 0, self.mean)
         return (x - self.mean) / self.std
 
     def inverse_transform(self, z: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ from scipy.sparse.csgraph import dijkstra
 
 from ..atomic import atomic_path
 from ..errors import GWNetError
+from ..paths import check_plain_name
 from .graph import SensorGraph, gaussian_kernel_adjacency
 
 STEPS_PER_DAY = 288  # 5-minute readings
@@ -183,8 +184,9 @@ TARGETS = ("speed", "flow", "occupancy")
 
 
 def layout_files(layout: str, name: str | None = None) -> tuple[str, ...]:
-    """The file names :func:`write` writes for ``layout`` (and file stem ``name``)."""
-    name = name or "synthetic"
+    """The file names :func:`write` writes for ``layout`` (and file stem ``name``, a plain file
+    name: ``../x`` would write beside the output folder)."""
+    name = check_plain_name("synthetic" if name is None else name, "synthetic data: --name")
     return {"metr-la": ("distances.csv", "locations.csv", "adj_mx.pkl", "speeds.h5"),
             "pems": (f"{name}.csv", f"{name}.npz"),
             "largest": (f"{name}_meta.csv", f"{name}_rn_adj.npy", f"{name}_his_2019.h5")}[layout]
@@ -217,13 +219,16 @@ def write(out_dir: str | os.PathLike, nodes: int = 40, days: int = 14, seed: int
     target = target or ("flow" if layout == "largest" else "speed")
     if target not in TARGETS:
         raise GWNetError(f"synthetic data: unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    step = step or (15 if layout == "largest" else 5)
+    if step is None:
+        step = 15 if layout == "largest" else 5
+    elif isinstance(step, bool) or not isinstance(step, int) or step < 5 or step % 5 or 1440 % step:
+        raise GWNetError(f"synthetic data: step must be a multiple of 5 minutes dividing a day, got {step!r}")
+    name = check_plain_name("synthetic" if name is None else name, "synthetic data: --name")
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GWNetError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
-    name = name or "synthetic"
     if layout == "largest":
         return _write_largest(out, nodes, days, seed, step, target, name)
     data = generate(nodes, days, seed).resampled(step)

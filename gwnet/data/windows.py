@@ -18,6 +18,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import file_error
+from ..paths import open_private
 from .scaler import StandardScaler
 
 SPLITS = ("train", "val", "test")
@@ -68,7 +69,14 @@ class Series:
 
     def to_numpy(self) -> np.ndarray:
         """The whole ``(T, N, F)`` array (for exports that need it materialised)."""
-        return self.gather(torch.arange(len(self))).numpy()
+        return self.gather(torch.arange(len(self))).cpu().numpy()
+
+    def to(self, device: torch.device | str) -> "Series":
+        """The series on ``device`` (itself when it is there already), so that batches are
+        gathered where the model runs."""
+        if self.speeds.device == torch.device(device):
+            return self
+        return Series(self.speeds.to(device), self.calendar.to(device))
 
 
 # A series at least this large is memory-mapped whenever it comes from a file.
@@ -105,14 +113,24 @@ def series_cache_key(path: str | os.PathLike, options, dtype=np.float32) -> str:
 
 def map_speeds(speeds: pd.DataFrame, cache: Path, key: str, dtype=np.float32) -> np.memmap:
     """The speeds as a copy-on-write :class:`numpy.memmap` of the cache file for ``key``, written
-    (once, atomically, under a lock other processes wait on) if it is not there yet."""
+    (once, atomically, under a lock other processes wait on) if it is not there yet. A cache
+    directory that cannot be written (read-only, full, a file) is one line."""
+    try:
+        return _map_speeds(speeds, cache, key, dtype)
+    except OSError as exc:
+        raise file_error(getattr(exc, "filename", None) or cache,
+                         f"cannot write the series cache ({exc.strerror or exc}); set GWNET_CACHE to a writable "
+                         "folder, or train without --memmap") from None
+
+
+def _map_speeds(speeds: pd.DataFrame, cache: Path, key: str, dtype=np.float32) -> np.memmap:
     import fcntl
 
     shape = speeds.shape
     name = hashlib.sha256(f"{key}|{shape}".encode()).hexdigest()[:24]
     cache.mkdir(parents=True, exist_ok=True)
     final = cache / f"series-{name}.npy"
-    with open(cache / f".series-{name}.lock", "a") as lock:
+    with os.fdopen(open_private(cache / f".series-{name}.lock"), "a") as lock:  # never through a link
         fcntl.flock(lock, fcntl.LOCK_EX)
         mapped = _open_mapped(final, shape, dtype)
         if mapped is None:
@@ -163,6 +181,16 @@ class Windows(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+    def with_series(self, series: Series) -> "Windows":
+        """The same windows over ``series`` (the same readings, e.g. a copy on the training
+        device): batches are gathered where ``series`` lives, from positions there."""
+        device = series.speeds.device
+        out = Windows(series, self.scaler, self.start, self.stop, self.seq_len, self.horizon,
+                      self.first_offset, self.index)
+        out._in_steps = torch.arange(self.seq_len, device=device)
+        out._out_steps = torch.arange(self.horizon, device=device) + self.seq_len - 1 + self.first_offset
+        return out
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.batch(torch.tensor([i]))

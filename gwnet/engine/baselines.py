@@ -66,3 +66,13 @@ def evaluate_baseline(data: TrafficData, name: str, split: str = "test",
             pred = torch.from_numpy(table[slots])
         acc.update(pred, y)
     return acc
+
+
+# Table and plot labels of the baselines, in the order they are shown.
+BASELINE_NAMES = {"last_value": "last value", "historical_average": "hist. average"}
+
+
+def baseline_tables(data: TrafficData, split: str, null_value: float = 0.0) -> dict:
+    """``{label: table}`` (rows: horizons and ``mean``) of every baseline on ``split``."""
+    return {label: evaluate_baseline(data, name, split, null_value=null_value).table()
+            for name, label in BASELINE_NAMES.items()}

@@ -14,6 +14,7 @@ clear message, and loading never unpickles arbitrary objects (``weights_only=Tru
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +27,35 @@ except ImportError:  # not POSIX: run directories are not locked
 
 from .._version import __version__
 from ..atomic import atomic_path
-from ..errors import file_error
+from ..errors import GWNetError, file_error
+from ..paths import check_input_file, check_not_link, is_temporary, open_private
+from .schema import FORMAT, check_agreement, check_saved_config, check_trained
 
-FORMAT = "gwnet-checkpoint"
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Write ``payload`` with the format header, atomically."""
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any], kind: str | None = None) -> None:
+    """Write ``payload`` with the format header, atomically. ``kind`` (``best`` or ``last``):
+    first check it as its reader will (:mod:`gwnet.engine.schema`)."""
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "gwnet_version": __version__, **payload}
+    if kind is not None:
+        check_trained(path, payload, kind)
     try:
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
-    except OSError as exc:
-        raise file_error(path, f"cannot write checkpoint ({exc.strerror or exc}); "
-                         "the previous one is intact") from None
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as a RuntimeError
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:160]
+        raise file_error(path, f"cannot write checkpoint ({reason}); the previous one is intact") from None
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a gwnet checkpoint, refusing missing, truncated, foreign or newer files."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    kind: str | None = None) -> dict[str, Any]:
+    """Read a gwnet checkpoint, refusing missing, truncated, foreign or newer files; with
+    ``kind`` (``best`` or ``last``) every entry is checked (:func:`gwnet.engine.schema.check_trained`)."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise file_error(path, "no such checkpoint")
+    check_input_file(path, "checkpoint")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
@@ -60,6 +68,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise file_error(path, f"checkpoint format {version} is newer than this gwnet "
                          f"({__version__}, format {FORMAT_VERSION}); upgrade gwnet")
+    if kind is not None:
+        check_trained(path, payload, kind)
     return payload
 
 
@@ -92,6 +102,7 @@ class RunDir:
         if name not in self.SHARD_DIRS:
             raise file_error(self.last, f"names {name!r} as its sharded checkpoint, not one of "
                              f"{', '.join(self.SHARD_DIRS)}")
+        check_not_link(self.root / name)  # shards are written and deleted there: never through a link
         return self.root / name
 
     @property
@@ -115,15 +126,42 @@ class RunDir:
         if self.last.exists():
             return
         found = self.progress_files()
+        if found == [self.best] and self._first_epoch_only():
+            warnings.warn(f"{self.root}: holds the best.pt of epoch 1 but no last.pt (killed while writing its "
+                          "first checkpoint); the run starts over, losing that one epoch")
+            return
         if found:
             raise file_error(self.root, f"holds {', '.join(f.name for f in found)} but no {self.last.name}, "
                              "so the run cannot be resumed exactly; nothing was changed (train into "
                              "another --out, or move the directory away to start over)")
 
+    def _first_epoch_only(self) -> bool:
+        """Whether best.pt is a checkpoint of epoch 1 (what a kill between writing it and the first
+        last.pt leaves)."""
+        try:
+            return load_checkpoint(self.best).get("epoch") == 1
+        except GWNetError:
+            return False
+
+    def check_saved_state(self) -> None:
+        """Before a resume does anything: ``last.pt`` checked entry by entry, ``config.json``
+        option by option, and the two agreeing (:mod:`gwnet.engine.schema`)."""
+        if not self.last.exists():
+            return
+        state = load_checkpoint(self.last, map_location="cpu", kind="last")
+        if self.config.exists():
+            from ..config import read_config_file
+
+            raw = read_config_file(self.config)
+            cfg = check_saved_config(self.config, raw)
+            check_agreement(self.config, raw, self.last, state, cfg)
+
     def remove_stale_temporaries(self) -> None:
-        """Delete half-written files a killed run left behind (the real files are intact)."""
-        for tmp in self.root.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        """Delete half-written files a killed run left behind (the real files are intact): only
+        files named as gwnet names its temporaries, never a user's own ``.notes.tmp``."""
+        for tmp in self.root.iterdir():
+            if is_temporary(tmp.name) and (tmp.is_file() or tmp.is_symlink()):
+                tmp.unlink(missing_ok=True)
 
     def check_writable(self) -> None:
         """Fail early, before any training, if outputs cannot be written here."""
@@ -166,7 +204,8 @@ class RunLock:
             key = os.path.realpath(self.run.lock)
             entry = _HELD.get(key)
             if entry is None:
-                fh = os.fdopen(os.open(key, os.O_RDWR | os.O_CREAT, 0o666), "r+")
+                # Never through a link planted at .lock: the pid is written into this file.
+                fh = os.fdopen(open_private(self.run.lock), "r+")
                 try:
                     fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:

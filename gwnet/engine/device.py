@@ -35,7 +35,9 @@ def resolve_device(name: str | torch.device) -> torch.device:
 def autocast(device: torch.device, precision: str):
     """bf16 autocast when asked for; fp32 runs untouched."""
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        # A CUDA graph cannot capture autocast's cache of cast weights (and a Graph WaveNet
+        # forward casts each weight once, so the cache saves nothing there).
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=device.type != "cuda")
     return nullcontext()
 
 
@@ -57,3 +59,12 @@ def check_precision(device: torch.device, precision: str) -> None:
     if precision == "bf16" and device.type == "cpu" and not native_bf16():
         warnings.warn("bf16 on this CPU is emulated (it has neither AVX512-BF16 nor AMX): "
                       "expect training many times slower than fp32; use --precision fp32 here")
+
+
+def place(model: torch.nn.Module, device: torch.device) -> str | None:
+    """Move ``model`` to ``device`` and let a model with a per-device kernel choice
+    (``select_kernel``: Graph WaveNet's ``graph_conv="auto"``) pick it there. Returns the
+    model's line about its choice, or ``None``."""
+    model.to(device)
+    select = getattr(model, "select_kernel", None)
+    return select(device) if callable(select) else None

@@ -5,6 +5,7 @@ on this module and the model registry, never on the training loop.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Iterator
@@ -18,18 +19,33 @@ from ..data.scaler import StandardScaler
 from ..data.windows import Windows
 from ..errors import GWNetError, file_error
 from ..models import build_model_from_config
+from ..models.quantiles import quantile_levels
 from .checkpoint import RunDir, load_checkpoint
-from .device import autocast, check_precision, resolve_device
+from .device import autocast, check_precision, place, resolve_device
 from .metrics import MetricAccumulator
+from .quantiles import median_index
 
 
 @torch.no_grad()
 def forecast(model: torch.nn.Module, x: torch.Tensor, scaler: StandardScaler, t: TrainConfig,
              device: torch.device) -> torch.Tensor:
-    """``(B, horizon, N)`` forecast in real units, clamped to the physical range, on the CPU."""
+    """``(B, horizon, N)`` forecast in real units, clamped to the physical range, on the CPU;
+    a quantile model's median (:func:`forecast_quantiles` gives all its quantiles)."""
+    out = forecast_quantiles(model, x, scaler, t, device)
+    return out[:, :, median_index(quantile_levels(model))] if out.dim() == 4 else out
+
+
+@torch.no_grad()
+def forecast_quantiles(model: torch.nn.Module, x: torch.Tensor, scaler: StandardScaler, t: TrainConfig,
+                       device: torch.device) -> torch.Tensor:
+    """The model's whole output in real units, clamped, on the CPU: ``(B, H, N)`` for a point
+    model, ``(B, H, Q, N)`` for a quantile model, its quantiles sorted along ``Q`` (so that
+    they never cross: the rearrangement of Chernozhukov et al., which only lowers the pinball
+    loss)."""
     with autocast(device, t.precision):
         out = model(x.to(device))
-    return scaler.inverse_transform(out.float()).clamp(t.clamp_min, t.clamp_max).cpu()
+    out = scaler.inverse_transform(out.float()).clamp(t.clamp_min, t.clamp_max).cpu()
+    return out.sort(dim=2).values if out.dim() == 4 else out
 
 
 def predict_batches(model: torch.nn.Module, windows: Windows, scaler: StandardScaler, t: TrainConfig,
@@ -59,22 +75,12 @@ def load_trained(run_dir: str | Path,
     rd = RunDir(run_dir)
     if not rd.root.is_dir():
         raise file_error(rd.root, "no such run directory")
-    state = load_checkpoint(rd.best, map_location="cpu")  # the supports are built with scipy
-    _check_trained_payload(rd.best, state)
-    try:
-        cfg = Config.from_dict(state["config"], source=str(rd.best))
-    except GWNetError:
-        raise
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise file_error(rd.best, f"checkpoint config is malformed ({' '.join(str(exc).split())[:160]})") from None
-    try:
-        scaler = StandardScaler(**state["scaler"])
-    except TypeError as exc:
-        raise file_error(rd.best, f"scaler is not a saved StandardScaler ({exc})") from None
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (scaler.mean, scaler.std)):
-        raise file_error(rd.best, f"scaler mean and std must be numbers, got {scaler.mean!r} and {scaler.std!r}")
+    state = load_checkpoint(rd.best, map_location="cpu", kind="best")  # the supports are built with scipy
+    cfg = Config.from_dict(state["config"], source=str(rd.best))  # checked by load_checkpoint
+    scaler = StandardScaler(**state["scaler"])
     sensor_ids = list(state["sensor_ids"])
     supports = build_supports(state["adjacency"].numpy(), cfg.data.adjtype)
+    check_weights_fit(rd.best, cfg, supports, state["model"])
     try:
         model = build_model_from_config(cfg, supports)
     except GWNetError as exc:
@@ -86,35 +92,29 @@ def load_trained(run_dir: str | Path,
         raise file_error(rd.best, f"weights do not fit the {cfg.arch} model its config describes: {reason}") from None
     device = resolve_device(device)
     check_precision(device, cfg.train.precision)  # its forecasts run in the run's precision
-    return model.to(device).eval(), cfg, scaler, sensor_ids
+    place(model, device)
+    return model.eval(), cfg, scaler, sensor_ids
 
 
-# What load_trained needs of best.pt, and the type each entry must have.
-TRAINED_KEYS = {"config": dict, "model": dict, "scaler": dict, "sensor_ids": (list, tuple),
-                "adjacency": torch.Tensor}
-
-
-def _check_trained_payload(path: Path, state: dict) -> None:
-    """One line naming ``path`` for a missing or ill-typed entry of a trained run's checkpoint."""
-    missing = [k for k in TRAINED_KEYS if k not in state]
-    if missing:
-        raise file_error(path, f"checkpoint lacks {', '.join(missing)} (not the best.pt of a gwnet run?)")
-    wanted = {"config": "a table", "model": "a state_dict", "scaler": "a table", "sensor_ids": "a list",
-              "adjacency": "a tensor"}
-    for key, kind in TRAINED_KEYS.items():
-        if not isinstance(state[key], kind):
-            raise file_error(path, f"checkpoint entry {key!r} is a {type(state[key]).__name__}, not {wanted[key]}")
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
-        raise file_error(path, "checkpoint entry 'model' is not a state_dict (names to tensors)")
-    ids = state["sensor_ids"]
-    if not all(isinstance(s, str) for s in ids) or len(set(ids)) != len(ids):
-        raise file_error(path, "checkpoint entry 'sensor_ids' must be distinct strings")
-    adj = state["adjacency"]
-    if adj.dim() != 2 or tuple(adj.shape) != (len(ids), len(ids)) or not adj.is_floating_point():
-        raise file_error(path, f"checkpoint adjacency has shape {tuple(adj.shape)} ({adj.dtype}), expected "
-                         f"{len(ids)} x {len(ids)} floats (one row per sensor id)")
-    if not bool(torch.isfinite(adj).all()):
-        raise file_error(path, "checkpoint adjacency holds NaN or infinite weights")
+def check_weights_fit(path: Path, cfg: Config, supports, weights: dict) -> None:
+    """The weights a checkpoint holds must be those of the model its config describes, name for
+    name and shape for shape. Compared on the meta device, before the model is built: a config
+    edited to a million channels is refused here instead of allocating them."""
+    meta = copy.deepcopy(cfg)
+    if hasattr(meta.model, "graph_conv"):
+        meta.model.graph_conv = "dense"  # the same weights; this kernel never reads the supports' values
+    try:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in build_model_from_config(meta, supports).state_dict().items()}
+    except GWNetError as exc:
+        raise file_error(path, f"cannot rebuild its model: {exc}") from None
+    except RuntimeError:  # a model whose construction needs values: load_state_dict compares
+        return
+    theirs = {k: tuple(v.shape) for k, v in weights.items()}
+    for name in sorted(set(shapes) | set(theirs)):
+        if shapes.get(name) != theirs.get(name):
+            raise file_error(path, f"weights do not fit the {cfg.arch} model its config describes: {name!r} is "
+                             f"{theirs.get(name, 'missing')} in the file, {shapes.get(name, 'unknown')} in the model")
 
 
 def evaluate(run_dir: str | Path, data: DataConfig | TrafficData | None = None, split: str = "test",

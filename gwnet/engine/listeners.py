@@ -4,12 +4,11 @@ The :class:`~gwnet.engine.trainer.Trainer` calls every listener's hooks on the m
 :meth:`EpochListener.on_fit_start` once (after a resume has restored the history),
 :meth:`~EpochListener.on_epoch_end` with each finished epoch's record, and
 :meth:`~EpochListener.close` when fitting ends, normally or not. A record holds ``epoch``,
-``train_mae``, ``train_rmse``, ``train_mape``, ``grad_norm``, ``grad_norm_max``, ``val_mae``,
-``val_rmse``, ``val_mape``, ``lr`` and ``seconds`` (MAPE as a fraction).
+``train_mae``, ``train_rmse``, ``train_mape_pct``, ``grad_norm``, ``grad_norm_max``, ``val_mae``,
+``val_rmse``, ``val_mape_pct``, ``lr`` and ``seconds`` (MAPE in %).
 
 Built in, by name (:data:`gwnet.registry.LOGGERS`): ``csv`` writes ``metrics.csv`` (always
-on: ``--resume`` relies on it), ``console`` prints one line per epoch (on with
-``train.progress``), ``tensorboard`` writes event files under ``RUN_DIR/tensorboard/``
+on: ``--resume`` relies on it), ``console`` prints one line per epoch (always on), ``tensorboard`` writes event files under ``RUN_DIR/tensorboard/``
 (``--log tensorboard``; needs the ``tensorboard`` package). A new backend is one class here,
 or anywhere, registered with ``@LOGGERS.register(name)``; a listener of one's own can also be
 passed to the Trainer directly (``Trainer(cfg, listeners=[...])``).
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_path
 from ..config import Config
 from ..errors import GWNetError
+from ..paths import check_not_link
 from ..registry import LOGGERS
 from .checkpoint import RunDir
 
@@ -39,7 +39,7 @@ class Trainer(Protocol):
     run: RunDir
     progress: Any
 
-ALWAYS_ON = ("csv",)
+ALWAYS_ON = ("csv", "console")
 
 
 class EpochListener:
@@ -100,12 +100,12 @@ class ConsoleLines(EpochListener):
 @LOGGERS.register("tensorboard")
 class TensorBoard(EpochListener):
     """TensorBoard scalars per epoch under ``RUN_DIR/tensorboard/``: ``train/mae``, ``rmse``,
-    ``mape`` and the same under ``val/``, ``lr``, ``grad_norm`` and ``grad_norm_max``, at step =
+    ``mape_pct`` and the same under ``val/``, ``lr``, ``grad_norm`` and ``grad_norm_max``, at step =
     epoch. A resumed run purges the steps after its checkpoint, so a kill never leaves an
     epoch twice in the curves."""
 
-    TAGS = {"train_mae": "train/mae", "train_rmse": "train/rmse", "train_mape": "train/mape",
-            "val_mae": "val/mae", "val_rmse": "val/rmse", "val_mape": "val/mape", "lr": "lr",
+    TAGS = {"train_mae": "train/mae", "train_rmse": "train/rmse", "train_mape_pct": "train/mape_pct",
+            "val_mae": "val/mae", "val_rmse": "val/rmse", "val_mape_pct": "val/mape_pct", "lr": "lr",
             "grad_norm": "grad_norm", "grad_norm_max": "grad_norm_max"}
 
     def __init__(self, trainer: Trainer):
@@ -116,6 +116,7 @@ class TensorBoard(EpochListener):
                              "(pip install 'gwnet[tensorboard]')") from None
         self._writer_class = SummaryWriter
         self.log_dir = trainer.run.tensorboard
+        check_not_link(self.log_dir)  # a file or a link there: one line, before any training
         self.writer = None
 
     def on_fit_start(self, trainer: Trainer) -> None:
@@ -134,8 +135,8 @@ class TensorBoard(EpochListener):
 
 
 def make_listeners(trainer: Trainer) -> list[EpochListener]:
-    """The listeners a run's config asks for: ``csv`` always, ``console`` with
-    ``train.progress``, then each name of ``train.log``, each once."""
+    """The listeners a run's config asks for: ``csv`` and ``console`` always (``train.progress``
+    only turns the progress bar off), then each name of ``train.log``, each once."""
     t = trainer.cfg.train
-    names = [*ALWAYS_ON, *(["console"] if t.progress else []), *t.loggers()]
+    names = [*ALWAYS_ON, *t.loggers()]
     return [LOGGERS.get_entry(name, hint=" (train.log)")(trainer) for name in dict.fromkeys(names)]

@@ -172,6 +172,10 @@ def _parameter_count(cfg, num_nodes: int) -> int:
     cfg = copy.deepcopy(cfg)
     if hasattr(cfg.model, "randomadj"):
         cfg.model.randomadj = True  # same parameters, no initialisation from the graph
+    if hasattr(cfg.model, "graph_conv"):
+        # Same parameters; the dense kernel never inspects the supports' values, so a small graph
+        # builds on the meta device too (the fallback below would allocate the real model).
+        cfg.model.graph_conv = "dense"
     supports = [sp.identity(num_nodes, format="csr", dtype=np.float32)] * int(getattr(cfg.model, "num_supports", 0) or 0)
     try:
         with torch.device("meta"):

@@ -11,7 +11,8 @@ import math
 import pandas as pd
 import torch
 
-METRICS = ("mae", "rmse", "mape")
+# MAPE in percent everywhere it is shown or written (tables, CSVs, records), hence its name.
+METRICS = ("mae", "rmse", "mape_pct")
 
 
 def valid_mask(target: torch.Tensor, null_value: float = 0.0) -> torch.Tensor:
@@ -30,26 +31,28 @@ def masked_mae(pred: torch.Tensor, target: torch.Tensor, null_value: float = 0.0
 class MetricAccumulator:
     """Exact masked MAE / RMSE / MAPE per horizon over any number of ``(B, H, N)`` batches."""
 
-    def __init__(self, horizon: int, null_value: float = 0.0):
+    def __init__(self, horizon: int, null_value: float = 0.0, device: torch.device | str = "cpu"):
         self.null_value = null_value
-        self.sums = torch.zeros(4, horizon, dtype=torch.float64)  # |e|, e^2, |e|/y, count
+        # On the training device, the sums are added there and read once (per_horizon, overall).
+        self.sums = torch.zeros(4, horizon, dtype=torch.float64, device=device)  # |e|, e^2, |e|/y, count
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        pred, target = pred.detach().double().cpu(), target.detach().double().cpu()
+        device = self.sums.device
+        pred, target = pred.detach().double().to(device), target.detach().double().to(device)
         mask = valid_mask(target, self.null_value)
-        err = torch.where(mask, pred - target, torch.zeros((), dtype=torch.float64))
-        safe = torch.where(mask, target, torch.ones((), dtype=torch.float64))
+        err = torch.where(mask, pred - target, 0.0)
+        safe = torch.where(mask, target, 1.0)
         dims = (0, 2)
         self.sums += torch.stack([err.abs().sum(dims), err.square().sum(dims),
                                   (err.abs() / safe.abs()).sum(dims), mask.sum(dims).double()])
 
     def per_horizon(self) -> pd.DataFrame:
-        """One row per horizon (1..H): mae, rmse, mape (mape as a fraction); NaN for a horizon
+        """One row per horizon (1..H): mae, rmse, mape_pct (MAPE in %); NaN for a horizon
         without a valid reading."""
-        abs_err, sq_err, pct_err, count = self.sums
+        abs_err, sq_err, pct_err, count = self.sums.cpu()
         n = count.clamp(min=1)
         frame = pd.DataFrame({"mae": (abs_err / n).numpy(), "rmse": (sq_err / n).sqrt().numpy(),
-                              "mape": (pct_err / n).numpy()},
+                              "mape_pct": (100 * pct_err / n).numpy()},
                              index=pd.RangeIndex(1, len(count) + 1, name="horizon"))
         frame[count.numpy() == 0] = float("nan")
         return frame
@@ -64,8 +67,8 @@ class MetricAccumulator:
 
     def overall(self) -> dict[str, float]:
         """Metrics pooled over every horizon and reading; NaN when no reading was valid."""
-        abs_err, sq_err, pct_err, count = self.sums.sum(dim=1)
+        abs_err, sq_err, pct_err, count = self.sums.sum(dim=1).cpu()
         if float(count) == 0:  # nothing valid was seen: no score, not a perfect 0.0
             return {name: float("nan") for name in METRICS}
         n = float(count)
-        return {"mae": float(abs_err) / n, "rmse": math.sqrt(float(sq_err) / n), "mape": float(pct_err) / n}
+        return {"mae": float(abs_err) / n, "rmse": math.sqrt(float(sq_err) / n), "mape_pct": 100 * float(pct_err) / n}

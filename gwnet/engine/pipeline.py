@@ -53,9 +53,7 @@ def _on_main_process(cfg: Config, step: Callable[[], None]) -> None:
 
 
 def _say(cfg: Config, message: str) -> None:
-    """A stage header on the main process, with ``train.progress``."""
-    if not cfg.train.progress:
-        return
+    """A stage header on the main process (``train.progress`` only hides the progress bar)."""
     if cfg.train.fsdp:
         from ..scale.world import is_main_process
 
@@ -69,7 +67,7 @@ def run_finished(run_dir: str | Path) -> bool:
     rd = RunDir(run_dir)
     if not rd.last.exists():
         return False
-    return bool(load_checkpoint(rd.last).get("finished")) and rd.test_metrics.exists()
+    return bool(load_checkpoint(rd.last, kind="last").get("finished")) and rd.test_metrics.exists()
 
 
 def _run_stage(cfg: Config, data: TrafficData | None, **kw) -> RunResult:
@@ -77,7 +75,7 @@ def _run_stage(cfg: Config, data: TrafficData | None, **kw) -> RunResult:
     starts when there is nothing of a run, and refuses a stage that lost its ``last.pt``."""
     rd = RunDir(cfg.out)
     if run_finished(rd.root):
-        state = load_checkpoint(rd.last)
+        state = load_checkpoint(rd.last, kind="last")
         return RunResult(rd.root, state["best_epoch"], state["best_val_mae"],
                          pd.read_csv(rd.test_metrics, index_col=0), pd.DataFrame(state["history"]))
     return make_trainer(cfg, data, resume=True, **kw).fit()

@@ -36,7 +36,7 @@ together (every file written atomically)::
     predictions.csv        one row per origin, horizon and sensor: origin_time, target_time,
       (or .parquet)        sensor_id, horizon (1..H), prediction, actual (empty where unknown:
                            the future, or a missing reading; never 0)
-    metrics.csv            model, horizon, mae, rmse, mape of every member and the ensemble
+    metrics.csv            model, horizon, mae, rmse, mape_pct of every member and the ensemble
     ensemble.json, .csv    how each horizon combines the members: weights, choice, validation MAE
     mae_by_horizon.png     MAE by horizon, members against the ensemble
     sensors.png            forecasts (+5 min and the last horizon) against readings over the

@@ -26,6 +26,13 @@ class Forecast:
     prediction: torch.Tensor  # (B, H, N) the ensemble
     members: list[torch.Tensor]  # (B, h_m, N) each member
     actual: torch.Tensor | None  # (B, H, N) readings, null_value where missing; None: the future
+    # Quantile runs: (B, H, Q, N) at ``levels`` (combined like the points, when every member
+    # has the same levels); None otherwise.
+    quantiles: torch.Tensor | None = None
+    levels: tuple[float, ...] | None = None
+    # Calibrated intervals (gwnet.intervals), (B, H, N); None when none was asked for.
+    lower: torch.Tensor | None = None
+    upper: torch.Tensor | None = None
 
 
 class Ensemble:
@@ -120,31 +127,63 @@ class Ensemble:
             out[:, :h] += weights[:h, m, None] * pred.double()
         return out.clamp(*self.clamp).float()
 
-    def predict(self, windows: Windows, batch_size: int = 64) -> Iterator[Forecast]:
-        """Forecasts of every window, batch by batch, in window order."""
+    def predict(self, windows: Windows, batch_size: int = 64,
+                positions: torch.Tensor | None = None) -> Iterator[Forecast]:
+        """Forecasts of every window (or of the windows at ``positions``), batch by batch, in
+        window order."""
         self._check_windows(windows)
         origins = windows.origins
-        for positions in _chunks(len(windows), batch_size):
-            preds, y = self._member_outputs(windows, positions)
-            stamps = origins[positions.numpy()]
-            yield Forecast(stamps, self._target_times(stamps), self.combine(preds), preds, y)
+        chunks = _chunks(len(windows), batch_size) if positions is None else positions.split(batch_size)
+        for chunk in chunks:
+            preds, quantiles, y = self._member_forecasts(windows, chunk)
+            stamps = origins[chunk.numpy()]
+            yield Forecast(stamps, self._target_times(stamps), self.combine(preds), preds, y,
+                           *self.combine_quantiles(quantiles))
 
     def predict_latest(self, data: TrafficData) -> Forecast:
         """The next ``H`` steps after the last ``seq_len`` readings of ``data``."""
-        preds = []
+        preds, quantiles = [], []
         for m in self.members:
             x, origin = data.latest(m.scaler)
-            preds.append(m.forward(x))
+            point, quantile = m.forward_all(x)
+            preds.append(point)
+            quantiles.append(quantile)
         stamps = pd.DatetimeIndex([origin])
-        return Forecast(stamps, self._target_times(stamps), self.combine(preds), preds, None)
+        return Forecast(stamps, self._target_times(stamps), self.combine(preds), preds, None,
+                        *self.combine_quantiles(quantiles))
+
+    @property
+    def levels(self) -> tuple[float, ...] | None:
+        """The quantile levels the ensemble forecasts: those of its members when every member is
+        a quantile run with the same levels (a mixed ensemble forecasts points only)."""
+        levels = {m.levels for m in self.members}
+        return levels.pop() if len(levels) == 1 else None
+
+    def combine_quantiles(self, quantiles: Sequence[torch.Tensor | None]
+                          ) -> tuple[torch.Tensor | None, tuple[float, ...] | None]:
+        """``((B, H, Q, N), levels)``: each level combined with the points' weights (quantile
+        averaging), sorted so levels never cross; ``(None, None)`` unless :attr:`levels`."""
+        levels = self.levels
+        if levels is None or any(q is None for q in quantiles):
+            return None, None
+        out = torch.stack([self.combine([q[:, :, i] for q in quantiles]) for i in range(len(levels))], dim=2)
+        return out.sort(dim=2).values, levels
 
     def _member_outputs(self, windows: Windows,
                         positions: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        preds = []
+        preds, _, y = self._member_forecasts(windows, positions)
+        return preds, y
+
+    def _member_forecasts(self, windows: Windows, positions: torch.Tensor
+                          ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], torch.Tensor]:
+        """Each member's point forecast and quantiles (``None`` for point members), the readings."""
+        preds, quantiles = [], []
         for m in self.members:
             x, y = windows.batch(positions, scaler=m.scaler)
-            preds.append(m.forward(x))
-        return preds, y[:, :self.horizon]
+            point, quantile = m.forward_all(x)
+            preds.append(point)
+            quantiles.append(quantile)
+        return preds, quantiles, y[:, :self.horizon]
 
     def _target_times(self, origins: pd.DatetimeIndex) -> np.ndarray:
         return origins.to_numpy()[:, None] + self.lead[None, :] * self.step.to_timedelta64()

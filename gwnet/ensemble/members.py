@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +17,8 @@ from ..data import TrafficData, load_data
 from ..data.datasets import load_latest
 from ..data.scaler import StandardScaler
 from ..engine.checkpoint import RunDir, load_checkpoint
-from ..engine.inference import forecast, load_trained
+from ..engine.inference import forecast, forecast_quantiles, load_trained
+from ..engine.quantiles import median_index
 from ..errors import GWNetError, file_error
 from ..nn import load_reference_checkpoint
 
@@ -43,9 +45,23 @@ class Member:
     def horizon(self) -> int:
         return self.config.model.out_dim
 
+    @property
+    def levels(self) -> tuple[float, ...] | None:
+        """The quantile levels of a quantile run; ``None`` for a point forecaster."""
+        return self.config.model.quantiles or None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, horizon, N)`` forecast in real units, clamped as evaluation clamps, on the CPU."""
+        """``(B, horizon, N)`` forecast in real units, clamped as evaluation clamps, on the CPU
+        (a quantile run's median)."""
         return forecast(self.model, x, self.scaler, self.config.train, next(self.model.parameters()).device)
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(point (B, horizon, N), quantiles (B, horizon, Q, N) or None)``, one forward pass."""
+        out = forecast_quantiles(self.model, x, self.scaler, self.config.train,
+                                 next(self.model.parameters()).device)
+        if out.dim() == 4:
+            return out[:, :, median_index(self.levels)], out
+        return out, None
 
 
 def member_names(paths: Sequence[str | Path]) -> list[str]:
@@ -95,7 +111,10 @@ def load_members(paths: Sequence[str | Path], device: str | torch.device = "cpu"
     those, at least ``seq_len`` steps); without ``adj`` the graph is the one in the first
     run's ``best.pt``. Reference members still need the whole file (their scaler is fitted on
     its training split). ``fill_zeroes`` applies to reference members (runs keep their own)."""
-    resolved = [Path(p).resolve() for p in paths]
+    for path in paths:  # a dangling link or a loop of links: one line (Path.resolve would raise)
+        if os.path.islink(path) and not os.path.exists(path):
+            raise file_error(path, "is a symbolic link that leads nowhere (or a loop of links)")
+    resolved = [Path(os.path.realpath(p)) for p in paths]
     for path, where in zip(paths, resolved):
         if resolved.count(where) > 1:
             raise file_error(path, "is given twice; each member once")
@@ -130,7 +149,7 @@ def load_latest_data(members: Sequence[Member], cfg: DataConfig) -> TrafficData:
     """The readings of ``cfg`` for forecasting after their last step (see
     :func:`gwnet.data.datasets.load_latest`): the sensors, step and graph of the first run."""
     first = members[0]
-    state = load_checkpoint(RunDir(first.source).best, map_location="cpu")
+    state = load_checkpoint(RunDir(first.source).best, map_location="cpu", kind="best")
     adjacency = state["adjacency"].numpy()
     return load_latest(cfg, list(state["sensor_ids"]), adjacency, first.scaler)
 

@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.dates import DateFormatter
 from matplotlib.figure import Figure
 
 from ..atomic import atomic_path
@@ -31,6 +32,7 @@ class SensorTrace:
         self.times: list[np.ndarray] = []  # (b, H) target times
         self.predictions: list[torch.Tensor] = []  # (b, H, k)
         self.actuals: list[torch.Tensor] = []  # (b, H, k)
+        self.bands: list[tuple[torch.Tensor, torch.Tensor]] = []  # (lower, upper) (b, H, k), with intervals
         self.kept = 0
 
     def update(self, forecast: Forecast) -> None:
@@ -40,6 +42,8 @@ class SensorTrace:
         self.times.append(forecast.target_times[:take])
         self.predictions.append(forecast.prediction[:take][..., self.index])
         self.actuals.append(forecast.actual[:take][..., self.index])
+        if forecast.lower is not None:
+            self.bands.append((forecast.lower[:take][..., self.index], forecast.upper[:take][..., self.index]))
         self.kept += take
 
     def frames(self, sensor_ids: Sequence[str], lead_minutes: np.ndarray,
@@ -54,7 +58,19 @@ class SensorTrace:
         forecasts = {f"+{lead_minutes[h - 1]} min": pd.DataFrame(pred[:, h - 1], index=times[:, h - 1],
                                                                  columns=columns)
                      for h in self.horizons}
+        if self.bands and len(self.bands) == len(self.predictions):
+            lower = torch.cat([b[0] for b in self.bands]).numpy()
+            upper = torch.cat([b[1] for b in self.bands]).numpy()
+            for h, frame in zip(self.horizons, forecasts.values()):
+                with_band(frame, lower[:, h - 1], upper[:, h - 1])
         return readings, forecasts
+
+
+def with_band(frame: pd.DataFrame, lower: np.ndarray, upper: np.ndarray) -> pd.DataFrame:
+    """Attach an interval to a forecast frame (same index and columns): plot_sensors shades it."""
+    frame.attrs["lower"] = pd.DataFrame(lower, index=frame.index, columns=frame.columns)
+    frame.attrs["upper"] = pd.DataFrame(upper, index=frame.index, columns=frame.columns)
+    return frame
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -63,16 +79,32 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+# Members' markers and line styles, in turn: two members with equal scores stay visible.
+MARKERS = ("o", "^", "v", "D", "P", "X", "<", ">")
+STYLES = ("-", "--", "-.", ":")
+
+
 def plot_mae_by_horizon(metrics: pd.DataFrame, path: str | Path, lead_minutes: np.ndarray,
-                        unit: str = "") -> Path:
-    """MAE per horizon: a thin line per member, a thick one for the ensemble; the y-axis says
-    the unit MAE is measured in."""
+                        unit: str = "", baselines: dict[str, pd.DataFrame] | None = None) -> Path:
+    """MAE per horizon: a line per member (its own marker and dash), the ensemble as a wide
+    pale band under them (a member equal to it stays visible on top), and each baseline of
+    ``baselines`` (``{label: table with an mae column by horizon}``) dotted grey; the y-axis
+    says the unit MAE is measured in."""
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
+    members = 0
     for name, rows in metrics.groupby("model", sort=False):
-        ours = name == ENSEMBLE
-        ax.plot(lead_minutes[rows["horizon"].to_numpy() - 1], rows["mae"], marker="o",
-                lw=2.5 if ours else 1.2, color="black" if ours else None, label=name, zorder=3 if ours else 2)
+        x = lead_minutes[rows["horizon"].to_numpy() - 1]
+        if name == ENSEMBLE:
+            ax.plot(x, rows["mae"], lw=7, alpha=0.35, color="black", solid_capstyle="round", label=name, zorder=1)
+            continue
+        ax.plot(x, rows["mae"], marker=MARKERS[members % len(MARKERS)], ls=STYLES[members % len(STYLES)],
+                lw=1.4, ms=5, label=name, zorder=3)
+        members += 1
+    for i, (label, table) in enumerate((baselines or {}).items()):
+        mae = table["mae"].drop("mean", errors="ignore").to_numpy()[:len(lead_minutes)]
+        ax.plot(lead_minutes[:len(mae)], mae, ls=":", lw=1.2, color=("0.45", "0.65")[i % 2],
+                marker=".", label=f"{label} (baseline)", zorder=2)
     ax.set(xlabel="minutes ahead", ylabel=f"MAE ({unit})" if unit else "MAE", title="MAE by horizon")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -88,10 +120,16 @@ def plot_sensors(readings: pd.DataFrame, forecasts: dict[str, pd.DataFrame], pat
     for ax, sensor in zip(axes, sensors):
         ax.plot(readings.index, readings[sensor], color="black", lw=1.2, label="actual")
         for label, frame in forecasts.items():
-            ax.plot(frame.index, frame[sensor], lw=1.0, label=label)
+            line, = ax.plot(frame.index, frame[sensor], lw=1.0, label=label)
+            if "lower" in frame.attrs:  # a calibrated interval (gwnet-predict --interval)
+                ax.fill_between(frame.index, frame.attrs["lower"][sensor], frame.attrs["upper"][sensor],
+                                color=line.get_color(), alpha=0.2, lw=0, label=f"{label} interval")
         ax.set(ylabel=ylabel, title=f"sensor {sensor}")
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower left", fontsize=8)
+    # Dates with their year: a forecast's day is only readable with it.
+    axes[-1].xaxis.set_major_formatter(DateFormatter("%Y-%m-%d %H:%M"))
+    axes[-1].set_xlabel("time (the readings' own clock)")
     for label in axes[-1].get_xticklabels():
         label.set(rotation=30, horizontalalignment="right")
     return _save(fig, Path(path))

@@ -36,7 +36,7 @@ def tidy(forecast: Forecast, sensor_ids: Sequence[str], null_value: float = 0.0)
     else:
         y = forecast.actual[:, :H]
         actual = torch.where(valid_mask(y, null_value), y, torch.nan).numpy().astype(np.float32)
-    return pd.DataFrame({
+    frame = pd.DataFrame({
         "origin_time": np.repeat(forecast.origins.to_numpy(), H * N),
         "target_time": np.repeat(forecast.target_times.ravel(), N),
         "sensor_id": pd.Categorical.from_codes(np.tile(np.arange(N), B * H), categories=list(sensor_ids)),
@@ -44,6 +44,10 @@ def tidy(forecast: Forecast, sensor_ids: Sequence[str], null_value: float = 0.0)
         "prediction": forecast.prediction.numpy().astype(np.float32).ravel(),
         "actual": actual.ravel(),
     })
+    if forecast.lower is not None:  # calibrated intervals (gwnet-predict --interval)
+        frame.insert(5, "lower", forecast.lower.numpy().astype(np.float32).ravel())
+        frame.insert(6, "upper", forecast.upper.numpy().astype(np.float32).ravel())
+    return frame
 
 
 class PredictionWriter:
@@ -53,7 +57,9 @@ class PredictionWriter:
     ``.parquet`` (one row group per batch; unknown actuals are nulls).
     """
 
-    def __init__(self, path: str | Path, sensor_ids: Sequence[str], null_value: float = 0.0):
+    def __init__(self, path: str | Path, sensor_ids: Sequence[str], null_value: float = 0.0,
+                 intervals: bool = False):
+        self.intervals = intervals  # lower and upper columns after prediction
         self.path = Path(path)
         self.format = table_format(self.path)
         self.sensor_ids = list(sensor_ids)
@@ -67,7 +73,9 @@ class PredictionWriter:
             self._schema = pa.schema([
                 ("origin_time", pa.timestamp("ns")), ("target_time", pa.timestamp("ns")),
                 ("sensor_id", pa.dictionary(pa.int32(), pa.string())), ("horizon", pa.int32()),
-                ("prediction", pa.float32()), ("actual", pa.float32())])
+                ("prediction", pa.float32()),
+                *([("lower", pa.float32()), ("upper", pa.float32())] if self.intervals else []),
+                ("actual", pa.float32())])
             self._from_pandas = pa.Table.from_pandas
         tmp = self._stack.enter_context(atomic_path(self.path))
         self._out = self._stack.enter_context(
@@ -96,15 +104,15 @@ def _pyarrow(path: Path):
 
 
 def write_predictions(forecasts: Iterator[Forecast], path: str | Path, sensor_ids: Sequence[str],
-                      null_value: float = 0.0) -> int:
+                      null_value: float = 0.0, intervals: bool = False) -> int:
     """Stream ``forecasts`` into ``path`` (``.csv`` or ``.parquet``); the number of rows."""
-    with PredictionWriter(path, sensor_ids, null_value) as writer:
+    with PredictionWriter(path, sensor_ids, null_value, intervals) as writer:
         for batch in forecasts:
             writer.write(batch)
     return writer.rows
 
 
 def metrics_frame(scores: dict[str, MetricAccumulator]) -> pd.DataFrame:
-    """Long table ``model, horizon, mae, rmse, mape`` (mape as a fraction)."""
+    """Long table ``model, horizon, mae, rmse, mape_pct`` (MAPE in %)."""
     parts = [acc.per_horizon().reset_index().assign(model=name) for name, acc in scores.items()]
-    return pd.concat(parts, ignore_index=True)[["model", "horizon", "mae", "rmse", "mape"]]
+    return pd.concat(parts, ignore_index=True)[["model", "horizon", "mae", "rmse", "mape_pct"]]

@@ -17,6 +17,7 @@ from torch import nn
 from ..config import Config, ModelConfig
 from ..errors import GWNetError
 from ..registry import MODELS, PRESETS
+from .quantiles import build_with_quantiles
 
 # The data's normalised fixed supports (N x N, row = source sensor), as scipy CSR matrices.
 Supports = Sequence[sp.csr_matrix]
@@ -87,4 +88,6 @@ def build_model_from_config(cfg: Config, supports: Supports) -> nn.Module:
     spec = model_spec(cfg.arch)
     if not isinstance(cfg.model, spec.config):
         raise GWNetError(f"model {cfg.arch!r} takes a {spec.config.__name__}, got {type(cfg.model).__name__}")
+    if cfg.model.quantiles:  # horizons x quantiles outputs, viewed as (B, H, Q, N)
+        return build_with_quantiles(lambda model: spec.build(model, supports), cfg.model)
     return spec.build(cfg.model, supports)

@@ -12,6 +12,9 @@ from torch import Tensor, nn
 from ..errors import GWNetError
 
 KERNELS = ("fast", "dense")
+# What a config may ask for: a kernel, or ``auto`` (one picked per device and graph by
+# auto_kernel when the model is placed, see GWNet.place).
+KERNEL_CHOICES = ("auto", *KERNELS)
 
 # Share of non-zero entries below which a CSR support beats a dense matmul on CPU
 # (measured on a 207-node graph: CSR is ~3x faster at 4%, break-even near 10%).
@@ -21,9 +24,56 @@ SPARSE_DENSITY = 0.1
 CONV_MATMUL_NODES = 1024
 
 
-def _check_kernel(kernel: str) -> None:
-    if kernel not in KERNELS:
-        raise GWNetError(f"graph_conv={kernel!r} is not one of {', '.join(KERNELS)}")
+# On CUDA the dense kernel is taken up to this many nodes whatever the graph's density: at
+# road-network sizes a training step is bound by kernel launches, not arithmetic, and the
+# cuBLAS products of ``dense`` launch fewer, faster kernels than the cuSPARSE ones of
+# ``fast``. On one H200 (PyTorch 2.11, batch 64, the improved preset, METR-LA's 207 nodes):
+# dense 37.5 ms a training step and 9.9 ms an inference, fast (CSR supports) 47.1 and
+# 19.7 ms. Above it, a sparse graph (below SPARSE_DENSITY) takes ``fast``: a dense support's
+# product costs 2 N^2 multiply-adds per column against 2 nnz, i.e. N / (degree) times more
+# (about 400x at 8,600 nodes of ~20 neighbours), and an N x N fp32 support holds 4 N^2 bytes
+# (296 MB at 8,600 nodes). Where between the two sizes the crossing lies is an estimate:
+# at 2,048 nodes a dense propagation of a batch-64 step already costs ~100x its sparse one.
+# experiments/gpu_check.py measures both kernels and ``auto`` at 207 and 8,600 nodes.
+CUDA_DENSE_NODES = 2048
+
+
+def _check_kernel(kernel: str, allowed: tuple[str, ...] = KERNEL_CHOICES) -> None:
+    if kernel not in allowed:
+        raise GWNetError(f"graph_conv={kernel!r} is not one of {', '.join(allowed)}")
+
+
+def support_density(supports: Sequence) -> float:
+    """The largest share of non-zero entries among ``supports`` (1.0 when there is none or
+    one is an operator object: nothing sparse to exploit)."""
+    densest = 0.0 if supports else 1.0
+    for s in supports:
+        if _is_operator(s):
+            return 1.0
+        nnz = s._nnz() if s.layout != torch.strided else int(s.count_nonzero())
+        densest = max(densest, nnz / max(s.numel(), 1))
+    return densest
+
+
+def auto_kernel(device: torch.device | str, num_nodes: int, density: float) -> tuple[str, str]:
+    """``(kernel, why)``: the kernel ``graph_conv="auto"`` runs on ``device`` for a graph of
+    ``num_nodes`` whose densest fixed support has ``density`` non-zero entries.
+
+    CPU: ``fast`` (Horner's scheme, CSR supports below SPARSE_DENSITY, oneDNN products; the
+    CPU's fastest, see the performance docs). CUDA: ``dense`` up to CUDA_DENSE_NODES nodes
+    or for a dense graph, ``fast`` above it for a sparse one (the figures are at
+    CUDA_DENSE_NODES).
+    """
+    kind = torch.device(device).type
+    if kind != "cuda":
+        return "fast", f"{kind}: Horner's scheme with CSR supports is this device's fastest"
+    if num_nodes <= CUDA_DENSE_NODES:
+        return "dense", (f"cuda, {num_nodes} nodes <= {CUDA_DENSE_NODES}: dense products launch fewer "
+                         "kernels than sparse ones (launch-bound step)")
+    if density >= SPARSE_DENSITY:
+        return "dense", f"cuda, graph {density:.1%} non-zero: too full for sparse products"
+    return "fast", (f"cuda, {num_nodes} nodes > {CUDA_DENSE_NODES} and graph {density:.2%} non-zero: "
+                    "sparse products")
 
 
 def prepare_support(support: Tensor, kernel: str = "fast") -> Tensor:
@@ -33,6 +83,7 @@ def prepare_support(support: Tensor, kernel: str = "fast") -> Tensor:
     enough to profit from it, else a strided one.
     """
     _check_kernel(kernel)
+    kernel = "fast" if kernel == "auto" else kernel  # auto before placement: the CPU's choice
     dtype = torch.get_default_dtype()
     if support.layout != torch.strided:
         # Sparse input stays sparse (O(edges) memory) unless the dense kernel needs it dense
@@ -287,7 +338,8 @@ class DiffusionGraphConv(nn.Module):
         num_supports: supports :math:`S` passed to each call.
         order: diffusion steps :math:`K` per support.
         dropout: dropout probability on the output.
-        kernel: ``"fast"`` or ``"dense"``.
+        kernel: ``"fast"`` or ``"dense"`` (``"auto"``: ``fast``, the CPU's choice; a model
+            placed on a device by :meth:`gwnet.nn.GWNet.place` sets ``kernel`` for it).
 
     Shapes:
         input :math:`(N, L, B, C_{in})` (nodes, time, batch, channels) and :math:`S` supports
@@ -298,6 +350,7 @@ class DiffusionGraphConv(nn.Module):
                  dropout: float = 0.0, kernel: str = "fast") -> None:
         super().__init__()
         _check_kernel(kernel)
+        kernel = "fast" if kernel == "auto" else kernel
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.num_supports = num_supports

@@ -5,6 +5,7 @@ import dataclasses
 from typing import Optional, Sequence
 
 import scipy.sparse as sp
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -12,7 +13,7 @@ from ..config import GWNetConfig
 from ..data.supports import to_torch
 from ..errors import GWNetError
 from .adaptive import build_adaptive
-from .graph_conv import DiffusionGraphConv, prepare_support
+from .graph_conv import DiffusionGraphConv, auto_kernel, prepare_support, support_density
 from .temporal import GatedTemporalConv
 
 
@@ -66,7 +67,9 @@ class GWNetLayer(nn.Module):
         else:
             h = self.residual(h)
         h = h + x[:, -h.size(1):]
-        return self.norm(h.view(-1, h.size(-1))).view_as(h), skip
+        # reshape: a view wherever the convolutions hand back channels-last memory (oneDNN,
+        # cuDNN), a copy on a backend that does not (the meta device of the fake-device test).
+        return self.norm(h.reshape(-1, h.size(-1))).view_as(h), skip
 
 
 class GWNet(nn.Module):
@@ -136,8 +139,11 @@ class GWNet(nn.Module):
         graph = c.do_graph_conv and depth > 1
         used = supports if graph and not c.aptonly else []
         self.num_fixed = len(used)
+        # The kernel in use: graph_conv="auto" starts with the CPU's choice and is decided
+        # for the device by select_kernel once the model is there.
+        self.kernel = "fast" if c.graph_conv == "auto" else c.graph_conv
         for i, s in enumerate(used):
-            self.register_buffer(f"support_{i}", prepare_support(s, c.graph_conv),
+            self.register_buffer(f"support_{i}", prepare_support(s, self.kernel),
                                  persistent=False)
         self.adaptive = None
         if graph and c.addaptadj:
@@ -168,6 +174,27 @@ class GWNet(nn.Module):
         if self.adaptive is not None:
             out.append(self.adaptive())
         return out
+
+    def select_kernel(self, device: torch.device | str | None = None) -> str | None:
+        """With ``graph_conv="auto"``, switch every graph convolution to the kernel
+        :func:`~gwnet.nn.graph_conv.auto_kernel` picks for ``device`` (default: where the
+        model's parameters are) and this graph, re-preparing the fixed supports for it.
+        Returns a line saying what was picked and why (``None`` for a fixed kernel). The
+        parameters are the same for every kernel: only how they are computed changes."""
+        if self.config.graph_conv != "auto":
+            return None
+        if device is None:
+            device = next(self.parameters()).device
+        fixed = [getattr(self, f"support_{i}") for i in range(self.num_fixed)]
+        kernel, why = auto_kernel(device, self.config.num_nodes, support_density(fixed))
+        if kernel != self.kernel:
+            self.kernel = kernel
+            for i, s in enumerate(fixed):
+                setattr(self, f"support_{i}", prepare_support(s, kernel).to(s.dtype))
+            for layer in self.layers:
+                if layer.graph_conv is not None:
+                    layer.graph_conv.kernel = kernel
+        return f"graph convolution: {kernel} (auto; {why})"
 
     def reset_parameters(self) -> None:
         for module in self.modules():
@@ -205,4 +232,5 @@ class GWNet(nn.Module):
                 f"channels={c.residual_channels}/{c.dilation_channels}/{c.skip_channels}/"
                 f"{c.end_channels}, supports={self.num_fixed}"
                 f"{'+adaptive' if self.adaptive is not None else ''}, "
-                f"graph_conv={c.graph_conv!r}, params={params:,})")
+                f"graph_conv={self.kernel!r}{' (auto)' if c.graph_conv == 'auto' else ''}, "
+                f"params={params:,})")

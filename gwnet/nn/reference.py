@@ -23,6 +23,7 @@ from ..config import GWNetConfig
 from ..data.graph import read_graph
 from ..data.supports import build_supports, to_torch
 from ..errors import GWNetError, file_error
+from ..paths import check_input_file
 from .model import GWNet
 
 _GRAPH_CONV = re.compile(r"(?:graph_convs\.(\d+)\.final_conv|gconv\.(\d+)\.mlp\.mlp)\.(weight|bias)")
@@ -100,9 +101,95 @@ def load_for_more_horizons(model: nn.Module, state_dict: dict[str, Tensor],
             mine.copy_(theirs)
 
 
+# A reference state_dict's pickle (names and tensor records, not the weights) is a few hundred
+# kilobytes and a few levels deep: a crafted one of deep nesting or millions of records would make
+# the unpickler recurse or run for minutes before any check.
+MAX_PICKLE_BYTES = 64 * 2**20
+MAX_PICKLE_DEPTH = 64
+# Input steps one forecast may see: far beyond any published window (the references use 13).
+MAX_RECEPTIVE_FIELD = 1024
+
+
+def _check_pickle_bounds(path: str) -> None:
+    """Size and nesting of the pickle inside a torch zip file, measured without unpickling it."""
+    import pickletools
+    import zipfile
+
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return  # not a zip: torch.load says what it is
+    with zf:
+        member = next((i for i in zf.infolist() if i.filename.endswith("data.pkl")), None)
+        if member is None:
+            return
+        if member.file_size > MAX_PICKLE_BYTES:
+            raise file_error(path, f"its pickle is {member.file_size:,} bytes, more than a state_dict's "
+                             f"{MAX_PICKLE_BYTES:,}")
+        data = zf.read(member)
+    try:
+        deepest = _pickle_depth(data)
+    except (ValueError, IndexError):
+        return  # a malformed pickle: torch.load says so
+    if deepest <= MAX_PICKLE_DEPTH:
+        return
+    raise file_error(path, f"its pickle nests deeper than {MAX_PICKLE_DEPTH} levels; not a state_dict")
+
+
+# Pickle operations that add to a container already on the stack rather than make a new object.
+_FILLING = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
+
+
+def _pickle_depth(data: bytes) -> int:
+    """How deeply the objects of a pickle nest (a list in a list in a dict: 3), by following its
+    operations on a stack of nesting levels; nothing is built."""
+    import pickletools
+
+    mark = object()
+    stack: list = []
+    memo: dict = {}
+    deepest = 0
+    for op, arg, _ in pickletools.genops(data):
+        name = op.name
+        if name == "MARK":
+            stack.append(mark)
+            continue
+        if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+            continue
+        if name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo.get(arg, 0))
+            continue
+        if pickletools.markobject in op.stack_before:
+            items = []
+            while stack and stack[-1] is not mark:
+                items.append(stack.pop())
+            if stack:
+                stack.pop()
+            if name == "POP_MARK":
+                continue
+            inner = 1 + max(items, default=-1)
+            level = max(stack.pop(), inner) if name in _FILLING and stack else inner
+        else:
+            popped = [stack.pop() for _ in op.stack_before if stack]
+            if not op.stack_after:
+                continue
+            if name in _FILLING and popped:
+                level = max(popped[-1], 1 + max(popped[:-1], default=-1))
+            else:
+                level = 1 + max(popped) if popped else 0
+        stack.extend([level] * len(op.stack_after))
+        deepest = max(deepest, level)
+        if deepest > MAX_PICKLE_DEPTH:
+            break
+    return deepest
+
+
 def _read_state_dict(path: str) -> dict[str, Tensor]:
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise file_error(path, "no such checkpoint")
+    check_input_file(path, "checkpoint")  # a FIFO, a device or a link loop: one line, no hang
+    _check_pickle_bounds(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle and zip errors alike mean "not a state_dict we can read"
@@ -163,9 +250,14 @@ def _infer_config(state: dict[str, Tensor], path: str, supports: Optional[list[T
         layers=layers, kernel_size=kernel, order=order, do_graph_conv=do_graph_conv,
         addaptadj=addapt, apt_size=apt_size, cat_feat_gc=cat)
     try:
-        return dataclasses.replace(GWNetConfig(**inferred), **overrides)
+        config = dataclasses.replace(GWNetConfig(**inferred), **overrides)
     except TypeError as exc:
         raise GWNetError(f"unknown model option in overrides ({exc})") from None
+    if config.receptive_field > MAX_RECEPTIVE_FIELD:
+        raise file_error(path, f"describes a model that sees {config.receptive_field:,} input steps (kernel "
+                         f"{config.kernel_size}, {config.blocks} x {config.layers} layers), more than the "
+                         f"{MAX_RECEPTIVE_FIELD:,} gwnet builds")
+    return config
 
 
 def _at_default_init(weight: Tensor, bias: Optional[Tensor]) -> bool:

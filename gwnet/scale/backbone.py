@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import GWNetError, file_error
+from ..errors import GWNetError, file_error, one_line
 from .world import World
 
 # GWNet's blocks and root return views (``view_as``, ``permute``) that nothing modifies in
@@ -244,7 +244,7 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
             exc = next(iter(exc.failures.values()))[0]
         if isinstance(exc, GWNetError):
             raise GWNetError(str(exc)) from None
-        raise file_error(path, f"cannot be loaded: {_one_line(exc)}") from None
+        raise file_error(path, f"cannot be loaded: {one_line(exc)}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -274,14 +274,6 @@ class _MetadataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc)
-    at = text.find("WeightsUnpickler error:")  # torch's weights_only refusal: keep its reason
-    if at >= 0:
-        text = text[at + len("WeightsUnpickler error:"):].split(" was not an allowed global")[0]
-    return " ".join(text.split())[:limit] or type(exc).__name__
-
-
 def read_shard_metadata(folder: str | Path) -> Metadata:
     """The ``.metadata`` of a sharded checkpoint folder, unpickled with
     :class:`_MetadataUnpickler` and checked: every item lies in a file of the folder itself."""
@@ -295,7 +287,7 @@ def read_shard_metadata(folder: str | Path) -> Metadata:
     except FileNotFoundError:
         raise file_error(meta, "is missing: the sharded checkpoint is incomplete") from None
     except Exception as exc:
-        raise file_error(meta, f"refused: not the metadata of a sharded checkpoint ({_one_line(exc)})") from None
+        raise file_error(meta, f"refused: not the metadata of a sharded checkpoint ({one_line(exc)})") from None
     if not (isinstance(md, Metadata) and isinstance(md.state_dict_metadata, dict)
             and isinstance(md.storage_data, dict) and isinstance(md.storage_meta, (StorageMeta, type(None)))):
         raise file_error(meta, "refused: not the metadata of a sharded checkpoint")
@@ -342,7 +334,7 @@ def check_sharded_checkpoint(folder: str | Path) -> Metadata:
                     torch.load(io.BytesIO(fh.read(info.length)), map_location="cpu", weights_only=True)
                 except Exception as exc:
                     raise file_error(path, f"refused: {index.fqn!r} is not plain tensor data "
-                                     f"({_one_line(exc)})") from None
+                                     f"({one_line(exc)})") from None
     return md
 
 
@@ -375,7 +367,7 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
             info = getattr(self, "metadata", None) and self.metadata.storage_data.get(read_item.storage_index)
             where = self.folder / info.relative_path if info else self.folder
             raise file_error(where, f"refused: {read_item.dest_index.fqn!r} is not plain data "
-                             f"({_one_line(exc)})") from None
+                             f"({one_line(exc)})") from None
         # What the default planner unpickles is then only what the safe load built.
         clean = io.BytesIO()
         torch.save(obj, clean)

@@ -95,11 +95,6 @@ class ShardedTrainer(Trainer):
         weight = (self.world.size * count / total).to(loss.dtype)
         return (sums[0] / total).to(loss.dtype), loss * weight
 
-    def _has_targets(self, y: torch.Tensor) -> bool:
-        # Every process must skip the same batches, so the count spans the whole batch.
-        count = valid_mask(y, self.cfg.train.null_value).sum()
-        return bool(self.world.all_sum(count) > 0)
-
     def _update_metrics(self, acc: MetricAccumulator, pred: torch.Tensor, target: torch.Tensor) -> None:
         share = MetricAccumulator(acc.sums.size(1), acc.null_value)
         share.update(pred, target)
