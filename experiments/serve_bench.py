@@ -126,11 +126,8 @@ def in_process_ms(run: Path, frame: pd.DataFrame, count: int, seconds: float) ->
     adds on top of the model is the difference."""
     from gwnet.serve import Forecaster
 
-    from concurrent.futures import ThreadPoolExecutor
-
-    forecaster = Forecaster([run])
-
     def measure() -> list[float]:
+        forecaster = Forecaster([run])
         forecaster.forecast(frame)  # warm-up
         times, start = [], time.perf_counter()
         while len(times) < count and time.perf_counter() - start < seconds:
@@ -139,10 +136,10 @@ def in_process_ms(run: Path, frame: pd.DataFrame, count: int, seconds: float) ->
             times.append(time.perf_counter() - t0)
         return times
 
-    # In a worker thread, as the server computes it (uvicorn's thread pool): on a loaded machine
-    # OpenMP teams of the main thread and of a worker thread were seen to differ tenfold.
-    with ThreadPoolExecutor(1) as pool:
-        return float(np.median(pool.submit(measure).result()) * 1000)
+    # On the thread that did this process's other torch work, as the server loads and forecasts
+    # on one thread (gwnet.serve.service.ModelThread): torch work split between two threads
+    # keeps two OpenMP teams on the same cores, and a forecast then takes twice as long.
+    return float(np.median(measure()) * 1000)
 
 
 def bench(n: int, args, root: Path) -> dict:

@@ -68,12 +68,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..engine.device import resolve_device
     from ..serve import Forecaster, check_options, create_app
+    from ..serve.service import ModelThread
 
     options = options_from_args(args)
     check_options(options)  # before the models load: a refusal costs nothing
     check_port(options.host, options.port)
+    # Every torch operation (loading, each forecast) on one thread: see ModelThread.
+    model_thread = ModelThread()
     if options.threads:
-        torch.set_num_threads(options.threads)
+        model_thread.call(torch.set_num_threads, options.threads)
     source = {name.split(".", 1)[1]: value for name, value in vars(args).items() if name.startswith("data.")}
     interval = interval_state = None
     if options.interval is not None:
@@ -81,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
         interval = IntervalOptions(options.interval, options.interval_method)
         interval_state = f"{options.state}.intervals.json" if options.state else None
-    forecaster = Forecaster(args.runs, options.strategy, resolve_device(args.device), interval=interval,
-                            interval_state=interval_state, **source)
-    app = create_app(forecaster, options)
+    forecaster = model_thread.call(Forecaster, args.runs, options.strategy, resolve_device(args.device),
+                                   interval=interval, interval_state=interval_state, **source)
+    app = create_app(forecaster, options, model_thread)
     window = app.state.service.window
     held = f"; resumed {len(window.times)} steps from {options.state}" if window.times else ""
     print(f"gwnet-serve: {len(forecaster.members)} member(s), {len(forecaster.sensor_ids)} sensors, "

@@ -22,15 +22,17 @@ def error_response(status: int, message: str):
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def create_app(forecaster: Forecaster, options: ServeOptions | None = None):
-    """The FastAPI app serving ``forecaster`` with ``options`` (checked first)."""
+def create_app(forecaster: Forecaster, options: ServeOptions | None = None, model_thread=None):
+    """The FastAPI app serving ``forecaster`` with ``options`` (checked first); forecasts run on
+    ``model_thread`` (a :class:`~gwnet.serve.service.ModelThread`, best the one that loaded
+    ``forecaster``; a new one without)."""
     from fastapi import FastAPI, Request
 
     from . import routes  # noqa: F401 - registers the built-in routes
 
     options = options or ServeOptions()
     check_options(options)
-    service = Service(forecaster, options)
+    service = Service(forecaster, options, model_thread)
     app = FastAPI(title="gwnet-serve", version=_version(),
                   description="Live traffic forecasts of a trained gwnet model or ensemble.")
     app.state.service = service

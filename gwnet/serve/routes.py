@@ -83,7 +83,7 @@ async def get_forecast(service: Service, request):
     """The forecast after the newest readings held; ``Accept: text/csv`` for the columns of
     gwnet-predict's predictions file."""
     _positions(service, request)  # an unknown sensor is refused before any work
-    result = await run_in_threadpool(service.current_forecast)
+    result = await service.model_thread.run(service.current_forecast)
     return forecast_response(service, request, result)
 
 
@@ -98,7 +98,7 @@ async def post_forecast(service: Service, request):
     window.add(rows)
     if not window.ready:
         raise RequestError(422, f"The body spans {len(window.times)} steps; the model reads {window.seq_len}.")
-    result = await run_in_threadpool(service.forecast_frame, window.frame(), False)
+    result = await service.model_thread.run(service.forecast_frame, window.frame(), False)
     return forecast_response(service, request, result)
 
 
@@ -118,7 +118,7 @@ async def page(service: Service, request):
     from fastapi.responses import HTMLResponse
 
     try:
-        result = await run_in_threadpool(service.current_forecast)
+        result = await service.model_thread.run(service.current_forecast)
     except RequestError:
         result = None  # the page says how many readings are still missing
     return HTMLResponse(render_page(service, result))
