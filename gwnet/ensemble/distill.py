@@ -47,7 +47,7 @@ from ..paths import is_temporary
 from ..registry import STRATEGIES
 from .combine import Ensemble
 from .members import WINDOW_FIELDS, Member, check_compatible, load_member, load_members, member_names
-from .report import split_windows
+from .report import fit_on_validation
 
 CACHE_DIR = "teacher-cache"
 # The splits whose windows the teacher forecasts: never the test split.
@@ -164,11 +164,9 @@ class TeacherForecasts:
         source = {name: getattr(d, name) for name in ("dataset", "data", "adj", "key") if getattr(d, name)}
         members, teacher_data = load_members(self.paths, device, **source)
         self._check(members, teacher_data)
-        ensemble = Ensemble(members, self.strategy)
-        if ensemble.spec.needs_validation:
-            batch_size = members[0].config.train.batch_size  # gwnet-predict's default
-            ensemble.fit(split_windows(teacher_data, "val"), batch_size, source=teacher_data.source)
-        self.ensemble = ensemble
+        # gwnet-predict's default batch size
+        self.ensemble = fit_on_validation(Ensemble(members, self.strategy), teacher_data,
+                                          members[0].config.train.batch_size)
 
     def _check_configs(self, configs: list[tuple[Path, Config]]) -> None:
         """Each teacher reads the student's input windows of readings of the same step, and

@@ -9,7 +9,7 @@ import pandas as pd
 from .bands import Bands, IntervalOptions
 from .combine import Ensemble
 from .members import load_members
-from .report import split_windows
+from .report import fit_on_validation, split_windows
 from .tables import tidy
 
 
@@ -33,8 +33,7 @@ def predict_intervals(runs: str | Path | Sequence[str | Path], level: float = 0.
     members, data = load_members(paths, device, **source)
     ensemble = Ensemble(members, strategy)
     batch_size = batch_size or members[0].config.train.batch_size
-    if not ensemble.fitted:
-        ensemble.fit(split_windows(data, "val"), batch_size, source=data.source)
+    fit_on_validation(ensemble, data, batch_size)
     bands = Bands(ensemble, data, options, batch_size)
     if split == "latest":
         forecasts = [ensemble.predict_latest(data)]

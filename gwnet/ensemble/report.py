@@ -74,6 +74,14 @@ def split_windows(data: TrafficData, split: str) -> Windows:
     return windows
 
 
+def fit_on_validation(ensemble: Ensemble, data: TrafficData, batch_size: int) -> Ensemble:
+    """Fit ``ensemble`` on ``data``'s validation windows when its strategy needs fitting: how
+    gwnet-predict, gwnet-serve, the intervals and the teachers of a distillation all fit it."""
+    if not ensemble.fitted:
+        ensemble.fit(split_windows(data, "val"), batch_size, source=data.source)
+    return ensemble
+
+
 def sensor_positions(data: TrafficData, sensors: Sequence[str] | None) -> list[int]:
     """Column positions of ``sensors`` (default: the first three), each once, at most
     :data:`MAX_PLOTTED_SENSORS` of them (a warning says what was left out)."""
@@ -136,11 +144,9 @@ def _write(ensemble: Ensemble, data: TrafficData, out: Path, split: str, fmt: st
         _pyarrow(path)  # fail before the work, not after it
     index = sensor_positions(data, sensors)
     windows = None if split == "latest" else split_windows(data, split)
-    if not ensemble.fitted:
-        if "val" in data.windows:
-            ensemble.fit(split_windows(data, "val"), batch_size, source=data.source)
-        else:  # only the last readings (--latest): nothing to fit on
-            ensemble.fit_without_validation(data.source)
+    if not ensemble.fitted and "val" not in data.windows:  # only the last readings (--latest)
+        ensemble.fit_without_validation(data.source)
+    fit_on_validation(ensemble, data, batch_size)
     bands = Bands(ensemble, data, interval, batch_size) if interval is not None else None
     files = [path]
     # The baselines every model should beat, in the MAE plot and in the command's table.

@@ -31,7 +31,7 @@ from ..data.graph import SensorGraph
 from ..data.windows import build_series
 from ..ensemble import STRATEGIES, Ensemble, Forecast, load_member, load_members, member_names
 from ..ensemble.members import check_compatible
-from ..ensemble.report import split_windows
+from ..ensemble.report import fit_on_validation
 from ..errors import file_error
 
 
@@ -55,8 +55,7 @@ class Forecaster:
             members, data = load_members(runs, device, latest=False, **source)
             batch_size = batch_size or members[0].config.train.batch_size
             self.ensemble = Ensemble(members, strategy)
-            if not self.ensemble.fitted:  # as gwnet-predict fits whenever it read a validation split
-                self.ensemble.fit(split_windows(data, "val"), batch_size, source=data.source)
+            fit_on_validation(self.ensemble, data, batch_size)  # as gwnet-predict fits it
             if interval is not None:
                 from ..ensemble.bands import Bands
                 from .intervals import OnlineIntervals
